@@ -1,0 +1,57 @@
+//! Sentence embeddings from a model folder: tokenizer + encoder + pooling, batched by length.
+
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use crate::data::{TokenBatch, Tokenizer};
+use crate::model::{self, dropout::Dropout, BertModel, Pooling};
+
+/// Encodes sentences with a frozen encoder in evaluation mode.
+pub struct SentenceEncoder {
+    pub model: BertModel,
+    pub tokenizer: Tokenizer,
+    pub pooling: Pooling,
+    pub device: Device,
+}
+
+impl SentenceEncoder {
+    /// Loads a Hugging Face model folder. `max_len` cuts inputs (special tokens included);
+    /// `None` means no truncation beyond what the position table holds.
+    pub fn load(dir: &Path, pooling: Pooling, max_len: Option<usize>, device: &Device) -> Result<Self> {
+        let model = model::load_encoder(dir, device)?;
+        let max_len = max_len.unwrap_or(model.config.max_tokens()).min(model.config.max_tokens());
+        let tokenizer = Tokenizer::from_dir(dir, max_len, model.config.pad_token_id as u32)?;
+        Ok(Self { model, tokenizer, pooling, device: device.clone() })
+    }
+
+    /// Embeddings `[n, hidden]` (f32, not normalised), in input order. Sentences are batched by
+    /// token length so little padding is computed; `on_batch` is called with each batch's size.
+    pub fn encode(&self, sentences: &[&str], batch_size: usize, mut on_batch: impl FnMut(usize)) -> Result<Tensor> {
+        let encoded = self.tokenizer.encode(sentences)?;
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].ids.len()));
+        let mut pooled = Vec::with_capacity(order.len().div_ceil(batch_size.max(1)));
+        for chunk in order.chunks(batch_size.max(1)) {
+            let rows: Vec<_> = chunk.iter().map(|&i| &encoded[i]).collect();
+            let batch = TokenBatch::pad(&rows, self.tokenizer.pad_id(), &self.device)?;
+            let hidden =
+                self.model.forward(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, &Dropout::disabled())?;
+            pooled.push(self.pooling.pool(&hidden, &batch.attention_mask)?);
+            on_batch(chunk.len());
+        }
+        let hidden = self.model.config.hidden_size;
+        if pooled.is_empty() {
+            return Ok(Tensor::zeros((0, hidden), candle_core::DType::F32, &self.device)?);
+        }
+        let sorted = Tensor::cat(&pooled, 0)?.contiguous()?;
+        // Undo the length sort.
+        let mut inverse = vec![0u32; order.len()];
+        for (position, &i) in order.iter().enumerate() {
+            inverse[i] = position as u32;
+        }
+        let inverse = Tensor::from_vec(inverse, order.len(), &self.device)?;
+        Ok(sorted.index_select(&inverse, 0)?)
+    }
+}

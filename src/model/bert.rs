@@ -1,0 +1,337 @@
+//! The BERT / RoBERTa encoder, with train-mode dropout and differentiable fused ops.
+//!
+//! Shaped like candle-transformers' `bert.rs` (a serde `Config` that reads `config.json` as is,
+//! one struct per block, weight names from `VarBuilder` prefixes that mirror the Hugging Face
+//! checkpoint), plus what training needs: dropout on the embeddings, attention probabilities and
+//! hidden outputs, and LayerNorm/softmax with a backward pass. RoBERTa is the same network with
+//! positions offset past the padding index, so both share this file.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+use serde::Deserialize;
+
+use super::dropout::{Dropout, Site};
+use super::ops;
+
+/// Which member of the BERT family a checkpoint is (`model_type` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelType {
+    Bert,
+    Roberta,
+    XlmRoberta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// The exact (erf) GELU that BERT and RoBERTa use.
+    Gelu,
+    /// The tanh approximation.
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+    Relu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionEmbeddingType {
+    Absolute,
+}
+
+fn default_position_embedding_type() -> PositionEmbeddingType {
+    PositionEmbeddingType::Absolute
+}
+
+/// The Hugging Face `config.json` of a BERT or RoBERTa model (unlisted keys are ignored).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Config {
+    pub model_type: ModelType,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: HiddenAct,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: usize,
+    #[serde(default = "default_position_embedding_type")]
+    pub position_embedding_type: PositionEmbeddingType,
+}
+
+impl Config {
+    /// Position ids start here: RoBERTa numbers positions from `pad_token_id + 1`.
+    pub fn position_offset(&self) -> usize {
+        match self.model_type {
+            ModelType::Bert => 0,
+            ModelType::Roberta | ModelType::XlmRoberta => self.pad_token_id + 1,
+        }
+    }
+
+    /// The longest input (special tokens included) the position table can hold.
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings - self.position_offset()
+    }
+
+    /// The checkpoint prefix of task-head models (`BertForMaskedLM` stores `bert.embeddings...`).
+    pub fn checkpoint_prefix(&self) -> &'static str {
+        match self.model_type {
+            ModelType::Bert => "bert",
+            ModelType::Roberta | ModelType::XlmRoberta => "roberta",
+        }
+    }
+
+    /// A tiny random-weight configuration for tests.
+    pub fn tiny(model_type: ModelType) -> Self {
+        Self {
+            model_type,
+            vocab_size: 99,
+            hidden_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 37,
+            hidden_act: HiddenAct::Gelu,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 64,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: if model_type == ModelType::Bert { 0 } else { 1 },
+            position_embedding_type: PositionEmbeddingType::Absolute,
+        }
+    }
+}
+
+/// `x W^T + b` on the last dimension, as one 2-D matmul.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+        let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.))?;
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut out_dims = xs.dims().to_vec();
+        let in_dim = out_dims.pop().expect("linear input has a last dimension");
+        out_dims.push(self.weight.dim(0)?);
+        let flat = xs.reshape(((), in_dim))?;
+        flat.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?.reshape(out_dims)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
+    }
+}
+
+struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    layer_norm: LayerNorm,
+    position_offset: usize,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let embedding = |name: &str, rows: usize| -> Result<Embedding> {
+            let init = candle_nn::Init::Randn { mean: 0., stdev: 0.02 };
+            let table = vb.pp(name).get_with_hints((rows, cfg.hidden_size), "weight", init)?;
+            Ok(Embedding::new(table, cfg.hidden_size))
+        };
+        Ok(Self {
+            word: embedding("word_embeddings", cfg.vocab_size)?,
+            position: embedding("position_embeddings", cfg.max_position_embeddings)?,
+            token_type: embedding("token_type_embeddings", cfg.type_vocab_size)?,
+            layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            position_offset: cfg.position_offset(),
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, dropout: &Dropout) -> Result<Tensor> {
+        let (batch, len) = input_ids.dims2()?;
+        // Right padding: real tokens take positions offset..offset+len; padded positions never
+        // reach a real token's output (they are masked as attention keys).
+        let start = self.position_offset as u32;
+        let positions = Tensor::arange(start, start + len as u32, input_ids.device())?
+            .unsqueeze(0)?
+            .broadcast_as((batch, len))?;
+        let xs = (self.word.forward(input_ids)? + self.position.forward(&positions)?)?;
+        let xs = (xs + self.token_type.forward(token_type_ids)?)?;
+        dropout.apply(&self.layer_norm.forward(&xs)?, Site::Embeddings)
+    }
+}
+
+struct SelfAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    layer_norm: LayerNorm,
+    num_heads: usize,
+    layer: usize,
+}
+
+impl SelfAttention {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        if h % cfg.num_attention_heads != 0 {
+            candle_core::bail!(
+                "hidden_size {h} is not a multiple of num_attention_heads {}",
+                cfg.num_attention_heads
+            );
+        }
+        let sa = vb.pp("self");
+        Ok(Self {
+            query: Linear::load(sa.pp("query"), h, h)?,
+            key: Linear::load(sa.pp("key"), h, h)?,
+            value: Linear::load(sa.pp("value"), h, h)?,
+            output: Linear::load(vb.pp("output").pp("dense"), h, h)?,
+            layer_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            num_heads: cfg.num_attention_heads,
+            layer,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask_bias: &Tensor, dropout: &Dropout) -> Result<Tensor> {
+        let (batch, len, hidden) = xs.dims3()?;
+        let head_dim = hidden / self.num_heads;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            t.reshape((batch, len, self.num_heads, head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.query.forward(xs)?)?;
+        let k = heads(self.key.forward(xs)?)?;
+        let v = heads(self.value.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask_bias)?)?;
+        let probs = dropout.apply(&probs, Site::AttentionProbs(self.layer))?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, len, hidden))?;
+        let out = dropout.apply(&self.output.forward(&context)?, Site::AttentionOutput(self.layer))?;
+        self.layer_norm.forward(&(out + xs)?)
+    }
+}
+
+struct FeedForward {
+    intermediate: Linear,
+    output: Linear,
+    layer_norm: LayerNorm,
+    act: HiddenAct,
+    layer: usize,
+}
+
+impl FeedForward {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            intermediate: Linear::load(vb.pp("intermediate").pp("dense"), h, i)?,
+            output: Linear::load(vb.pp("output").pp("dense"), i, h)?,
+            layer_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            act: cfg.hidden_act,
+            layer,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, dropout: &Dropout) -> Result<Tensor> {
+        let inner = self.intermediate.forward(xs)?;
+        let inner = match self.act {
+            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::GeluNew => inner.gelu()?,
+            HiddenAct::Relu => inner.relu()?,
+        };
+        let out = dropout.apply(&self.output.forward(&inner)?, Site::FeedForwardOutput(self.layer))?;
+        self.layer_norm.forward(&(out + xs)?)
+    }
+}
+
+struct Layer {
+    attention: SelfAttention,
+    feed_forward: FeedForward,
+}
+
+/// The encoder: embeddings and transformer layers, no pooler (sentence embeddings come from
+/// [`super::Pooling`]).
+pub struct BertModel {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pub config: Config,
+}
+
+impl BertModel {
+    /// Loads from `vb` rooted at the encoder (keys `embeddings.*`, `encoder.layer.N.*`).
+    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let embeddings = Embeddings::load(vb.pp("embeddings"), config)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let lv = vb.pp("encoder").pp("layer").pp(i);
+                Ok(Layer {
+                    attention: SelfAttention::load(lv.pp("attention"), config, i)?,
+                    feed_forward: FeedForward::load(lv, config, i)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings, layers, config: config.clone() })
+    }
+
+    /// Last hidden states `[batch, len, hidden]` for right-padded `input_ids` `[batch, len]`
+    /// with `attention_mask` (1 = token, 0 = padding).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        dropout: &Dropout,
+    ) -> Result<Tensor> {
+        let (batch, len) = input_ids.dims2()?;
+        let mut xs = self.embeddings.forward(input_ids, token_type_ids, dropout)?;
+        // Additive key mask: 0 for tokens, a large negative number for padding.
+        let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 1e9)?
+            .reshape((batch, 1, 1, len))?;
+        for layer in &self.layers {
+            xs = layer.attention.forward(&xs, &mask_bias, dropout)?;
+            xs = layer.feed_forward.forward(&xs, dropout)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// Hidden state at the first token ([CLS] / `<s>`): `[batch, len, hidden] -> [batch, hidden]`.
+pub fn cls_pool(hidden: &Tensor) -> Result<Tensor> {
+    hidden.narrow(1, 0, 1)?.squeeze(1)
+}
+
+/// Attention-masked mean over tokens: `[batch, len, hidden] -> [batch, hidden]`.
+pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let mask = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    summed.broadcast_div(&mask.sum(1)?)
+}
