@@ -115,39 +115,48 @@ fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
 
 fn run_eval(args: EvalArgs) -> Result<()> {
     let device = device(&args.model.device)?;
-    let encoder = SentenceEncoder::load(&args.model.model, args.model.pooler, None, &device)?;
     let tasks = if args.tasks.is_empty() { Task::ALL.to_vec() } else { args.tasks };
-    let mut scores = serde_json::Map::new();
+    // Read (and validate) every task's files before spending time on the model.
+    let mut loaded = Vec::new();
     let mut missing = Vec::new();
     for task in tasks {
-        let Some(data) = eval::load_task(&args.data, task)? else {
-            println!("{:<16} missing (no files under {})", task.name(), args.data.display());
-            missing.push(task.name());
-            continue;
-        };
+        match eval::load_task(&args.data, task)? {
+            Some(data) => loaded.push((task, data)),
+            None => {
+                println!("{:<16} missing (no files under {})", task.name(), args.data.display());
+                missing.push(task.name());
+            }
+        }
+    }
+    let encoder = SentenceEncoder::load(&args.model.model, args.model.pooler, None, &device)?;
+    let mut scores = serde_json::Map::new();
+    for (task, data) in loaded {
         let sentences: Vec<&str> = data.first.iter().chain(&data.second).map(String::as_str).collect();
         let bar = progress(sentences.len(), task.name());
         let embeddings = encoder.encode(&sentences, args.model.batch_size, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
         let n = data.len();
         let cosines = cosine_rows(&embeddings.narrow(0, 0, n)?, &embeddings.narrow(0, n, n)?)?;
-        let score = (eval::spearman(&cosines, &data.gold) * 100.0 * 100.0).round() / 100.0;
+        let score = round2(eval::spearman(&cosines, &data.gold) * 100.0);
         println!("{:<16} {score:6.2}  ({n} pairs)", task.name());
         scores.insert(task.name().to_owned(), score.into());
     }
     let present: Vec<f64> = scores.values().filter_map(|v| v.as_f64()).collect();
-    let avg = if present.is_empty() {
-        serde_json::Value::Null
-    } else {
-        ((present.iter().sum::<f64>() / present.len() as f64 * 100.0).round() / 100.0).into()
+    let avg = match present.len() {
+        0 => serde_json::Value::Null,
+        n => round2(present.iter().sum::<f64>() / n as f64).into(),
     };
-    println!("{:<16} {}", "avg", avg);
+    println!("{:<16} {avg}", "avg");
     if args.json {
         scores.insert("avg".into(), avg);
         scores.insert("missing".into(), missing.into());
         println!("{}", serde_json::Value::Object(scores));
     }
     Ok(())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 /// Row-wise cosine similarity of two `[n, d]` matrices.
