@@ -8,3 +8,17 @@ pub mod embed;
 pub mod eval;
 pub mod loss;
 pub mod model;
+
+/// The global allocator of kdmcse's binaries. A training step allocates and frees hundreds of MB
+/// of activations; glibc's malloc hands large blocks back to the kernel and page-faults them in
+/// again every step (a fifth of CPU step time). mimalloc, told by [`keep_freed_memory`] never to
+/// purge, keeps them, like PyTorch's caching allocator.
+pub type Allocator = mimalloc::MiMalloc;
+
+/// Tells mimalloc to keep freed memory for reuse instead of returning it to the OS.
+pub fn keep_freed_memory() {
+    // `mi_option_purge_delay` (mimalloc.h; not exported by libmimalloc-sys); -1 = never purge.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting an option is thread-safe and valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}

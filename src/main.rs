@@ -10,6 +10,9 @@ use kdmcse::embed::SentenceEncoder;
 use kdmcse::eval::{self, Task};
 use kdmcse::model::Pooling;
 
+#[global_allocator]
+static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "kdmcse", version, about = "KDMCSE multimodal sentence embeddings")]
 struct Cli {
@@ -77,6 +80,7 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    kdmcse::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),

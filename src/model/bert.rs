@@ -264,7 +264,7 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor, dropout: &Dropout) -> Result<Tensor> {
         let inner = self.intermediate.forward(xs)?;
         let inner = match self.act {
-            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::Gelu => ops::gelu_erf(&inner)?,
             HiddenAct::GeluNew => inner.gelu()?,
             HiddenAct::Relu => inner.relu()?,
         };
