@@ -62,8 +62,8 @@ fn main() -> anyhow::Result<()> {
         let keys = (0..128u64).map(|i| example_key(1234, s, i % 64, i / 64)).collect();
         let dropout = Dropout::per_example(0.1, 0.1, keys);
         let start = Instant::now();
-        let hidden = student.forward(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, &dropout)?;
-        let z = heads.mlp.forward(&Pooling::Cls.pool(&hidden, &batch.attention_mask)?)?;
+        let cls = student.embed(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, &dropout, Pooling::Cls)?;
+        let z = heads.mlp.forward(&cls)?;
         let terms = objective.compute(&z.narrow(0, 0, 64)?, &z.narrow(0, 64, 64)?, None, 0)?;
         let grads = terms.total.backward()?;
         std::hint::black_box(grads);

@@ -36,9 +36,13 @@ impl SentenceEncoder {
         for chunk in order.chunks(batch_size.max(1)) {
             let rows: Vec<_> = chunk.iter().map(|&i| &encoded[i]).collect();
             let batch = TokenBatch::pad(&rows, self.tokenizer.pad_id(), &self.device)?;
-            let hidden =
-                self.model.forward(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, &Dropout::disabled())?;
-            pooled.push(self.pooling.pool(&hidden, &batch.attention_mask)?);
+            pooled.push(self.model.embed(
+                &batch.input_ids,
+                &batch.token_type_ids,
+                &batch.attention_mask,
+                &Dropout::disabled(),
+                self.pooling,
+            )?);
             on_batch(chunk.len());
         }
         let hidden = self.model.config.hidden_size;

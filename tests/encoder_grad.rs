@@ -31,8 +31,8 @@ fn every_parameter_gets_a_nonzero_gradient() {
         let model = BertModel::load(vb.pp("encoder"), &cfg).unwrap();
         let heads = Heads::load(vb.pp("heads"), cfg.hidden_size, 8, 12).unwrap();
         let (ids, types, mask) = batch(&device, &cfg);
-        let h1 = Pooling::Cls.pool(&model.forward(&ids, &types, &mask, &dropout(0)).unwrap(), &mask).unwrap();
-        let h2 = Pooling::Cls.pool(&model.forward(&ids, &types, &mask, &dropout(1)).unwrap(), &mask).unwrap();
+        let h1 = model.embed(&ids, &types, &mask, &dropout(0), Pooling::Cls).unwrap();
+        let h2 = model.embed(&ids, &types, &mask, &dropout(1), Pooling::Cls).unwrap();
         let img = Tensor::randn(0f32, 1.0, (3, 12), &device).unwrap();
         let cap = Tensor::randn(0f32, 1.0, (3, 12), &device).unwrap();
         let (v, t) = (heads.image.forward(&img).unwrap(), heads.caption.forward(&cap).unwrap());
@@ -94,4 +94,28 @@ fn encoder_gradients_match_finite_differences() {
         }
     }
     assert_eq!(checked, 2 * vars.len());
+}
+
+/// `embed` with CLS pooling skips the last layer's other positions; with dropout on it must
+/// still give exactly the first row of the full forward pass, and the same gradients.
+#[test]
+fn first_token_shortcut_equals_the_full_forward() {
+    let device = Device::Cpu;
+    let cfg = Config::tiny(ModelType::Bert);
+    let varmap = VarMap::new();
+    let model = BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg).unwrap();
+    let (ids, types, mask) = batch(&device, &cfg);
+    let full = Pooling::Cls.pool(&model.forward(&ids, &types, &mask, &dropout(0)).unwrap(), &mask).unwrap();
+    let short = model.embed(&ids, &types, &mask, &dropout(0), Pooling::Cls).unwrap();
+    let diff = (&full - &short).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-6, "CLS shortcut differs by {diff}");
+    let probe = Tensor::randn(0f32, 1.0, full.shape(), &device).unwrap();
+    let g_full = (full * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_short = (short * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let (a, b) = (g_full.get(var.as_tensor()).unwrap(), g_short.get(var.as_tensor()).unwrap());
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5 * scale.max(1.0), "{name}: gradients differ by {diff} (largest {scale})");
+    }
 }

@@ -35,6 +35,11 @@ fn minilm_matches_pytorch() {
             let expected: &Tensor = &golden[&format!("{setting}/{name}")];
             let diff = common::max_abs_diff(&ours, expected);
             assert!(diff < 1e-4, "{setting}/{name}: max abs diff {diff}");
+            let embedded = encoder
+                .embed(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, &Dropout::disabled(), pooling)
+                .unwrap();
+            let diff = common::max_abs_diff(&embedded, expected);
+            assert!(diff < 1e-4, "{setting}/{name} via embed: max abs diff {diff}");
         }
     }
 }

@@ -223,21 +223,23 @@ impl SelfAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask_bias: &Tensor, dropout: &Dropout) -> Result<Tensor> {
+    /// Attention of `queries` (all positions of `xs`, or a prefix of them) over all of `xs`.
+    fn forward(&self, xs: &Tensor, queries: &Tensor, mask_bias: &Tensor, dropout: &Dropout) -> Result<Tensor> {
         let (batch, len, hidden) = xs.dims3()?;
+        let query_len = queries.dim(1)?;
         let head_dim = hidden / self.num_heads;
-        let heads = |t: Tensor| -> Result<Tensor> {
+        let heads = |t: Tensor, len: usize| -> Result<Tensor> {
             t.reshape((batch, len, self.num_heads, head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(self.query.forward(xs)?)?;
-        let k = heads(self.key.forward(xs)?)?;
-        let v = heads(self.value.forward(xs)?)?;
+        let q = heads(self.query.forward(queries)?, query_len)?;
+        let k = heads(self.key.forward(xs)?, len)?;
+        let v = heads(self.value.forward(xs)?, len)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
         let probs = ops::softmax_last_dim(&scores.broadcast_add(mask_bias)?)?;
         let probs = dropout.apply(&probs, Site::AttentionProbs(self.layer))?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, len, hidden))?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, query_len, hidden))?;
         let out = dropout.apply(&self.output.forward(&context)?, Site::AttentionOutput(self.layer))?;
-        self.layer_norm.forward(&(out + xs)?)
+        self.layer_norm.forward(&(out + queries)?)
     }
 }
 
@@ -311,13 +313,45 @@ impl BertModel {
         attention_mask: &Tensor,
         dropout: &Dropout,
     ) -> Result<Tensor> {
+        self.run(input_ids, token_type_ids, attention_mask, dropout, false)
+    }
+
+    /// Sentence embeddings `[batch, hidden]`. For CLS pooling the last layer runs for the first
+    /// position only (its keys and values still come from every token): the same vectors as
+    /// pooling [`Self::forward`], for 5/6 of the work on a 6-layer model.
+    pub fn embed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        dropout: &Dropout,
+        pooling: super::Pooling,
+    ) -> Result<Tensor> {
+        let first_only = pooling == super::Pooling::Cls;
+        let hidden = self.run(input_ids, token_type_ids, attention_mask, dropout, first_only)?;
+        pooling.pool(&hidden, attention_mask)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        dropout: &Dropout,
+        last_layer_first_only: bool,
+    ) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
         let mut xs = self.embeddings.forward(input_ids, token_type_ids, dropout)?;
         // Additive key mask: 0 for tokens, a large negative number for padding.
         let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 1e9)?
             .reshape((batch, 1, 1, len))?;
-        for layer in &self.layers {
-            xs = layer.attention.forward(&xs, &mask_bias, dropout)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let queries = if last_layer_first_only && i + 1 == self.layers.len() {
+                xs.narrow(1, 0, 1)?
+            } else {
+                xs.clone()
+            };
+            xs = layer.attention.forward(&xs, &queries, &mask_bias, dropout)?;
             xs = layer.feed_forward.forward(&xs, dropout)?;
         }
         Ok(xs)

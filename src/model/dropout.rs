@@ -1,9 +1,11 @@
 //! Train-mode dropout whose masks are a pure function of a per-example key.
 //!
 //! Every batch row carries a 64-bit key (derived from the seed, the step, the example's global
-//! index and the view); the mask of element `e` at dropout site `s` is a hash of (key, s, e). So
-//! masks do not depend on how a global batch is split across ranks, nor on any RNG state that
-//! would have to be checkpointed, and the two SimCSE views differ only through their keys.
+//! index and the view); the mask of an element at dropout site `s` is a hash of (key, s, the
+//! element's coordinates within its row). Coordinates, not flat offsets, so that the padded
+//! length of a batch changes no mask. Masks thus do not depend on how a global batch is split
+//! across ranks or padded, nor on RNG state that would have to be checkpointed; the two SimCSE
+//! views differ only through their keys.
 
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -72,24 +74,35 @@ impl Dropout {
         if keys.len() != rows {
             candle_core::bail!("dropout: {} row keys for a batch of {rows}", keys.len());
         }
-        let per_row = xs.elem_count() / rows.max(1);
-        let mask = mask_values(keys, site.id(), per_row, p);
+        let mask = mask_values(keys, site.id(), &xs.dims()[1..], p);
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs.mul(&mask)
     }
 }
 
-/// Inverted-dropout mask values (0 or 1/(1-p)) for `per_row` elements of each keyed row.
-fn mask_values(keys: &[u64], site: u64, per_row: usize, p: f32) -> Vec<f32> {
+/// Inverted-dropout mask values (0 or 1/(1-p)) for rows of shape `row_dims`, one key per row.
+fn mask_values(keys: &[u64], site: u64, row_dims: &[usize], p: f32) -> Vec<f32> {
+    assert!(row_dims.len() <= 3 && row_dims.iter().all(|&d| d < 1 << 20), "dropout: row shape {row_dims:?}");
+    let per_row: usize = row_dims.iter().product();
     let scale = 1.0 / (1.0 - p);
     // Keep an element when its 24-bit uniform draw is at least p.
     let threshold = (p as f64 * (1u64 << 24) as f64).round() as u64;
     let mut mask = vec![0f32; keys.len() * per_row];
     mask.par_chunks_mut(per_row.max(1)).zip(keys.par_iter()).for_each(|(row, &key)| {
         let row_key = mix(key ^ mix(site));
-        for (e, m) in row.iter_mut().enumerate() {
-            let draw = mix(row_key.wrapping_add((e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 40;
-            *m = if draw >= threshold { scale } else { 0.0 };
+        // Coordinates packed 20 bits each (innermost lowest): the same element gets the same
+        // draw whatever the extent of the other dimensions.
+        let mut dims = [1usize; 3];
+        dims[3 - row_dims.len()..].copy_from_slice(row_dims);
+        let mut out = row.iter_mut();
+        for a in 0..dims[0] as u64 {
+            for b in 0..dims[1] as u64 {
+                let outer = (a << 40) | (b << 20);
+                for c in 0..dims[2] as u64 {
+                    let draw = mix(row_key.wrapping_add((outer | c).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 40;
+                    *out.next().expect("mask row sized by its dims") = if draw >= threshold { scale } else { 0.0 };
+                }
+            }
         }
     });
     mask
@@ -109,7 +122,7 @@ mod tests {
     #[test]
     fn drop_rate_and_scale() {
         let keys: Vec<u64> = (0..8).map(|i| example_key(1234, 0, i, 0)).collect();
-        let mask = mask_values(&keys, Site::Embeddings.id(), 10_000, 0.1);
+        let mask = mask_values(&keys, Site::Embeddings.id(), &[10_000], 0.1);
         let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
         assert!((dropped - 0.1).abs() < 0.005, "drop rate {dropped}");
         let kept = mask.iter().find(|&&m| m != 0.0).unwrap();
@@ -119,10 +132,21 @@ mod tests {
     #[test]
     fn masks_depend_only_on_the_row_key() {
         let keys: Vec<u64> = (0..4).map(|i| example_key(7, 3, i, 1)).collect();
-        let all = mask_values(&keys, 5, 64, 0.1);
-        let last_alone = mask_values(&keys[3..], 5, 64, 0.1);
+        let all = mask_values(&keys, 5, &[64], 0.1);
+        let last_alone = mask_values(&keys[3..], 5, &[64], 0.1);
         assert_eq!(&all[3 * 64..], &last_alone[..]);
-        let other_view = mask_values(&[example_key(7, 3, 3, 0)], 5, 64, 0.1);
+        let other_view = mask_values(&[example_key(7, 3, 3, 0)], 5, &[64], 0.1);
         assert_ne!(last_alone, other_view);
+    }
+
+    #[test]
+    fn padding_changes_no_mask() {
+        // Attention probabilities [heads, queries, keys] padded from 5 to 9 positions.
+        let keys = [example_key(1, 2, 3, 0)];
+        let short = mask_values(&keys, 9, &[2, 5, 5], 0.5);
+        let long = mask_values(&keys, 9, &[2, 9, 9], 0.5);
+        for (h, q, k) in (0..2).flat_map(|h| (0..5).flat_map(move |q| (0..5).map(move |k| (h, q, k)))) {
+            assert_eq!(short[(h * 5 + q) * 5 + k], long[(h * 9 + q) * 9 + k], "({h}, {q}, {k})");
+        }
     }
 }
