@@ -19,13 +19,15 @@ static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     kdmcse::keep_freed_memory();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let model_dir = std::env::var_os("KDMCSE_MINILM").map(PathBuf::from).unwrap_or(root.join("models/all-MiniLM-L6-v2"));
+    let model_dir =
+        std::env::var_os("KDMCSE_MINILM").map(PathBuf::from).unwrap_or(root.join("models/all-MiniLM-L6-v2"));
     let shared = std::env::var_os("KDMCSE_SHARED").map(PathBuf::from).unwrap_or(root.join("../shared"));
     let device = Device::Cpu;
     println!("threads: {}", rayon::current_num_threads());
 
     // Encoding: all 2 x 1379 STS-B test sentences, batch 128, CLS, no truncation.
-    let stsb = load_task(&shared.join("data"), Task::StsBenchmark)?.expect("STS-B test under shared/data/stsb");
+    let stsb =
+        load_task(&shared.join("data"), Task::StsBenchmark)?.expect("STS-B test under shared/data/stsb");
     let sentences: Vec<&str> = stsb.first.iter().chain(&stsb.second).map(String::as_str).collect();
     let encoder = SentenceEncoder::load(&model_dir, Pooling::Cls, None, &device)?;
     encoder.encode(&sentences[..256], 128, |_| {})?; // warm-up
@@ -35,7 +37,11 @@ fn main() -> anyhow::Result<()> {
         encoder.encode(&sentences, 128, |_| {})?;
     }
     let secs = start.elapsed().as_secs_f64() / runs as f64;
-    println!("encode: {} sentences in {secs:.2} s = {:.0} sentences/s", sentences.len(), sentences.len() as f64 / secs);
+    println!(
+        "encode: {} sentences in {secs:.2} s = {:.0} sentences/s",
+        sentences.len(),
+        sentences.len() as f64 / secs
+    );
 
     // One training step: wiki sentences, 64 x 2 views, max_len 32, SimCSE loss, fwd + bwd.
     let wiki = std::fs::read_to_string(shared.join("data/wiki/wiki1m_head_11913.txt"))?;
@@ -62,7 +68,13 @@ fn main() -> anyhow::Result<()> {
         let keys = (0..128u64).map(|i| example_key(1234, s, i % 64, i / 64)).collect();
         let dropout = Dropout::per_example(0.1, 0.1, keys);
         let start = Instant::now();
-        let cls = student.embed(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, &dropout, Pooling::Cls)?;
+        let cls = student.embed(
+            &batch.input_ids,
+            &batch.token_type_ids,
+            &batch.attention_mask,
+            &dropout,
+            Pooling::Cls,
+        )?;
         let z = heads.mlp.forward(&cls)?;
         let terms = objective.compute(&z.narrow(0, 0, 64)?, &z.narrow(0, 64, 64)?, None, 0)?;
         let grads = terms.total.backward()?;

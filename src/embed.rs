@@ -28,7 +28,12 @@ impl SentenceEncoder {
 
     /// Embeddings `[n, hidden]` (f32, not normalised), in input order. Sentences are batched by
     /// token length so little padding is computed; `on_batch` is called with each batch's size.
-    pub fn encode(&self, sentences: &[&str], batch_size: usize, mut on_batch: impl FnMut(usize)) -> Result<Tensor> {
+    pub fn encode(
+        &self,
+        sentences: &[&str],
+        batch_size: usize,
+        mut on_batch: impl FnMut(usize),
+    ) -> Result<Tensor> {
         let encoded = self.tokenizer.encode(sentences)?;
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].ids.len()));

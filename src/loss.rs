@@ -25,9 +25,8 @@ pub fn cosine_matrix(rows: &Tensor, cols: &Tensor) -> Result<Tensor> {
 
 /// 1 off the diagonal, 0 at `(i, row_offset + i)`, as f32 `[rows, cols]`.
 fn off_diagonal(rows: usize, cols: usize, row_offset: usize, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..rows)
-        .flat_map(|i| (0..cols).map(move |j| if j == row_offset + i { 0.0 } else { 1.0 }))
-        .collect();
+    let data: Vec<f32> =
+        (0..rows).flat_map(|i| (0..cols).map(move |j| if j == row_offset + i { 0.0 } else { 1.0 })).collect();
     Tensor::from_vec(data, (rows, cols), device)
 }
 
@@ -61,11 +60,12 @@ pub fn angular_logits(cos: &Tensor, margin: Margin, row_offset: usize) -> Result
     }
     let (rows, cols) = c.dims2()?;
     // theta > m  <=>  cos(theta) < cos(m); never on the diagonal.
-    let gate = c
-        .detach()
-        .lt(base.cos())?
-        .to_dtype(DType::F32)?
-        .mul(&off_diagonal(rows, cols, row_offset, c.device())?)?;
+    let gate = c.detach().lt(base.cos())?.to_dtype(DType::F32)?.mul(&off_diagonal(
+        rows,
+        cols,
+        row_offset,
+        c.device(),
+    )?)?;
     // cos(theta - m) = cos(theta) cos(m) + sin(theta) sin(m), sin(theta) = sqrt(1 - cos^2) >= 0.
     let sin_theta = (1.0 - c.sqr()?)?.sqrt()?;
     let shifted = match margin {
@@ -111,10 +111,12 @@ impl NegativeFilter {
             FilterScore::Cosine => cosine_matrix(row_features, col_features)?,
         };
         let (rows, cols) = scores.dims2()?;
-        scores
-            .gt(self.threshold)?
-            .to_dtype(DType::F32)?
-            .mul(&off_diagonal(rows, cols, row_offset, scores.device())?)
+        scores.gt(self.threshold)?.to_dtype(DType::F32)?.mul(&off_diagonal(
+            rows,
+            cols,
+            row_offset,
+            scores.device(),
+        )?)
     }
 }
 
@@ -233,4 +235,3 @@ impl Objective {
 pub fn scalar(t: &Tensor) -> Result<f64> {
     t.to_dtype(DType::F64)?.flatten_all()?.get(0)?.to_scalar::<f64>()
 }
-

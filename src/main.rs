@@ -96,7 +96,8 @@ fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let ordinal = s.strip_prefix("cuda:").map_or(Ok(0), str::parse).context("device: expected cuda:N")?;
+            let ordinal =
+                s.strip_prefix("cuda:").map_or(Ok(0), str::parse).context("device: expected cuda:N")?;
             Ok(Device::new_cuda(ordinal)?)
         }
         other => bail!("unknown device {other:?}: expected cpu or cuda:N"),
@@ -172,7 +173,8 @@ fn cosine_rows(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
 
 fn run_encode(args: EncodeArgs) -> Result<()> {
     let device = device(&args.model.device)?;
-    let text = std::fs::read_to_string(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
+    let text = std::fs::read_to_string(&args.input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?;
     let sentences: Vec<&str> = text.lines().collect();
     let encoder = SentenceEncoder::load(&args.model.model, args.model.pooler, args.max_len, &device)?;
     let bar = progress(sentences.len(), "encode");

@@ -22,7 +22,8 @@ fn json_scores(out: &Output) -> serde_json::Value {
 }
 
 fn eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"];
+    let mut args =
+        vec!["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"];
     args.extend_from_slice(extra);
     kdmcse(&args)
 }
@@ -55,7 +56,8 @@ fn absent_tasks_are_reported_missing() {
     let scores = json_scores(&eval(&common::minilm_dir(), data.path(), &[]));
     assert!(scores["STS12"].as_f64().unwrap() > 30.0, "STS12 found one level down: {scores}");
     assert_eq!(scores["avg"], scores["STS12"]);
-    let missing: Vec<&str> = scores["missing"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let missing: Vec<&str> =
+        scores["missing"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(missing, ["STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]);
 }
 
@@ -63,7 +65,8 @@ fn absent_tasks_are_reported_missing() {
 fn encode_writes_the_golden_embeddings() {
     let meta = common::golden_json("bert_minilm.json");
     let golden = common::golden("bert_minilm.safetensors");
-    let sentences: Vec<&str> = meta["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let sentences: Vec<&str> =
+        meta["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     // One sentence a line: leave out the golden sentence that contains a newline.
     let keep: Vec<usize> = (0..sentences.len()).filter(|&i| !sentences[i].contains('\n')).collect();
     let dir = tempfile::tempdir().unwrap();
@@ -72,13 +75,24 @@ fn encode_writes_the_golden_embeddings() {
     let lines: Vec<&str> = keep.iter().map(|&i| sentences[i]).collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let out = kdmcse(&[
-        "encode", "--model", common::minilm_dir().to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", output.to_str().unwrap(), "--batch-size", "3",
+        "encode",
+        "--model",
+        common::minilm_dir().to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--batch-size",
+        "3",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let written = candle_core::safetensors::load(&output, &candle_core::Device::Cpu).unwrap();
     let ours = &written["embeddings"];
-    let index = candle_core::Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), &candle_core::Device::Cpu).unwrap();
+    let index = candle_core::Tensor::new(
+        keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let expected = golden["full/cls"].index_select(&index, 0).unwrap();
     let diff = common::max_abs_diff(ours, &expected);
     assert!(diff < 1e-4, "encode vs golden full/cls: {diff}");
@@ -126,7 +140,11 @@ fn malformed_sts_line_names_file_and_line() {
     let data = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(data.path().join("stsb")).unwrap();
     let path = data.path().join("stsb/sts-test.csv");
-    std::fs::write(&path, "g\tMSRvid\t2012test\t1\t2.5\ta girl .\ta girl !\ng\tMSRvid\t2012\t2\t3.0\tonly one sentence\n").unwrap();
+    std::fs::write(
+        &path,
+        "g\tMSRvid\t2012test\t1\t2.5\ta girl .\ta girl !\ng\tMSRvid\t2012\t2\t3.0\tonly one sentence\n",
+    )
+    .unwrap();
     let out = eval(&common::minilm_dir(), data.path(), &["--tasks", "STSBenchmark"]);
     assert_fails_with(&out, &[&format!("{}:2", path.display()), "columns"]);
 }

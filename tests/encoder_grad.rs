@@ -12,7 +12,9 @@ use kdmcse::model::Pooling;
 
 fn batch(device: &Device, cfg: &Config) -> (Tensor, Tensor, Tensor) {
     let pad = cfg.pad_token_id as u32;
-    let ids = Tensor::new(&[[5u32, 17, 42, 8, 3, 9], [5, 66, 12, 3, pad, pad], [5, 90, 3, pad, pad, pad]], device).unwrap();
+    let ids =
+        Tensor::new(&[[5u32, 17, 42, 8, 3, 9], [5, 66, 12, 3, pad, pad], [5, 90, 3, pad, pad, pad]], device)
+            .unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], device).unwrap();
     (ids.clone(), ids.zeros_like().unwrap(), mask)
 }
@@ -37,7 +39,16 @@ fn every_parameter_gets_a_nonzero_gradient() {
         let cap = Tensor::randn(0f32, 1.0, (3, 12), &device).unwrap();
         let (v, t) = (heads.image.forward(&img).unwrap(), heads.caption.forward(&cap).unwrap());
         let (p1, p2) = (heads.grounding.forward(&h1).unwrap(), heads.grounding.forward(&h2).unwrap());
-        let g = Grounding { p1: &p1, p2: &p2, v: &v, t: &t, img_rows: &img, cap_rows: &cap, img_cols: &img, cap_cols: &cap };
+        let g = Grounding {
+            p1: &p1,
+            p2: &p2,
+            v: &v,
+            t: &t,
+            img_rows: &img,
+            cap_rows: &cap,
+            img_cols: &img,
+            cap_cols: &cap,
+        };
         let (z1, z2) = (heads.mlp.forward(&h1).unwrap(), heads.mlp.forward(&h2).unwrap());
         let objective = Objective { lambda: 1.0, ..Objective::default() };
         let terms = objective.compute(&z1, &z2, Some(&g), 0).unwrap();
@@ -45,7 +56,9 @@ fn every_parameter_gets_a_nonzero_gradient() {
         let vars = varmap.data().lock().unwrap();
         assert_eq!(vars.len(), 5 + 16 * cfg.num_hidden_layers + 8, "{model_type:?}: parameter count");
         for (name, var) in vars.iter() {
-            let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{model_type:?}: no gradient for {name}"));
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{model_type:?}: no gradient for {name}"));
             let max = grad.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(max > 0.0 && max.is_finite(), "{model_type:?}: gradient of {name} is {max}");
         }
@@ -68,7 +81,8 @@ fn encoder_gradients_match_finite_differences() {
         (hidden * &probe).unwrap().sum_all().unwrap()
     };
     let grads = f().backward().unwrap();
-    let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: Vec<(String, Var)> =
+        varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let eps = 1e-6;
     let mut checked = 0;
     for (name, var) in &vars {

@@ -11,7 +11,8 @@ use kdmcse::model::{self, dropout::Dropout, Pooling};
 fn minilm_matches_pytorch() {
     let golden = common::golden("bert_minilm.safetensors");
     let meta = common::golden_json("bert_minilm.json");
-    let sentences: Vec<&str> = meta["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let sentences: Vec<&str> =
+        meta["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     let dir = common::minilm_dir();
     let device = Device::Cpu;
     let encoder = model::load_encoder(&dir, &device).unwrap();
@@ -23,7 +24,8 @@ fn minilm_matches_pytorch() {
             ("attention_mask", &batch.attention_mask),
             ("token_type_ids", &batch.token_type_ids),
         ] {
-            let expected = golden[&format!("{setting}/{name}")].to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
+            let expected =
+                golden[&format!("{setting}/{name}")].to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
             let ours = ours.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
             assert_eq!(ours, expected, "{setting}/{name}");
         }
@@ -36,7 +38,13 @@ fn minilm_matches_pytorch() {
             let diff = common::max_abs_diff(&ours, expected);
             assert!(diff < 1e-4, "{setting}/{name}: max abs diff {diff}");
             let embedded = encoder
-                .embed(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, &Dropout::disabled(), pooling)
+                .embed(
+                    &batch.input_ids,
+                    &batch.token_type_ids,
+                    &batch.attention_mask,
+                    &Dropout::disabled(),
+                    pooling,
+                )
                 .unwrap();
             let diff = common::max_abs_diff(&embedded, expected);
             assert!(diff < 1e-4, "{setting}/{name} via embed: max abs diff {diff}");
@@ -56,7 +64,13 @@ fn evaluation_mode_is_deterministic_and_train_mode_is_not() {
     };
     let off = Dropout::disabled();
     assert_eq!(common::max_abs_diff(&run(&off), &run(&off)), 0.0);
-    let view = |v| Dropout::per_example(0.1, 0.1, vec![model::dropout::example_key(1, 0, 0, v), model::dropout::example_key(1, 0, 1, v)]);
+    let view = |v| {
+        Dropout::per_example(
+            0.1,
+            0.1,
+            vec![model::dropout::example_key(1, 0, 0, v), model::dropout::example_key(1, 0, 1, v)],
+        )
+    };
     assert_eq!(common::max_abs_diff(&run(&view(0)), &run(&view(0))), 0.0, "same keys, same masks");
     assert!(common::max_abs_diff(&run(&view(0)), &run(&view(1))) > 1e-3, "two views must differ");
 }

@@ -66,7 +66,9 @@ fn every_case_matches_the_reference() {
         let terms = obj.compute(x["z1"].as_tensor(), x["z2"].as_tensor(), Some(&g), 0).unwrap();
         let tol = &case["tolerance"];
         let (loss_tol, grad_tol) = (tol["loss_abs"].as_f64().unwrap(), tol["grad_abs"].as_f64().unwrap());
-        for (term, ours) in [("intra", &terms.intra), ("inter", terms.inter.as_ref().unwrap()), ("total", &terms.total)] {
+        for (term, ours) in
+            [("intra", &terms.intra), ("inter", terms.inter.as_ref().unwrap()), ("total", &terms.total)]
+        {
             let (ours, expected) = (loss::scalar(ours).unwrap(), case[term].as_f64().unwrap());
             assert!(close(ours, expected, loss_tol), "{name} {term}: {ours} vs {expected}");
         }
@@ -98,10 +100,12 @@ fn two_ranks_with_gathered_columns_equal_one_process() {
     let local = case["local_bs"].as_u64().unwrap() as usize;
     // The "all-gather": the global batch is the ranks' rows in rank order.
     let gather = |n: &str| {
-        let parts: Vec<Tensor> = (0..world).map(|r| golden[&format!("multirank/rank{r}/{n}")].clone()).collect();
+        let parts: Vec<Tensor> =
+            (0..world).map(|r| golden[&format!("multirank/rank{r}/{n}")].clone()).collect();
         Tensor::cat(&parts, 0).unwrap()
     };
-    let global: HashMap<&str, Var> = INPUTS.iter().map(|&n| (n, Var::from_tensor(&gather(n)).unwrap())).collect();
+    let global: HashMap<&str, Var> =
+        INPUTS.iter().map(|&n| (n, Var::from_tensor(&gather(n)).unwrap())).collect();
     let (img, cap) = (gather("img_raw"), gather("cap_raw"));
     let mut sum_of_locals: Option<Tensor> = None;
     for rank in 0..world {
@@ -119,9 +123,14 @@ fn two_ranks_with_gathered_columns_equal_one_process() {
             img_cols: &img,
             cap_cols: &cap,
         };
-        let terms = obj.compute(&rows(global["z1"].as_tensor()), global["z2"].as_tensor(), Some(&g), offset).unwrap();
+        let terms =
+            obj.compute(&rows(global["z1"].as_tensor()), global["z2"].as_tensor(), Some(&g), offset).unwrap();
         let r = &case["ranks"][rank];
-        for (term, ours) in [("local_intra", &terms.intra), ("local_inter", terms.inter.as_ref().unwrap()), ("local_total", &terms.total)] {
+        for (term, ours) in [
+            ("local_intra", &terms.intra),
+            ("local_inter", terms.inter.as_ref().unwrap()),
+            ("local_total", &terms.total),
+        ] {
             let (ours, expected) = (loss::scalar(ours).unwrap(), r[term].as_f64().unwrap());
             assert!(close(ours, expected, 1e-5), "rank {rank} {term}: {ours} vs {expected}");
         }

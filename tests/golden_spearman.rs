@@ -9,7 +9,9 @@ fn spearman_matches_scipy() {
     let golden = common::golden_json("spearman.json");
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
-    let floats = |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let floats = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    };
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let rho = spearman(&floats(&case["x"]), &floats(&case["y"]));

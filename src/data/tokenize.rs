@@ -25,7 +25,8 @@ impl TokenBatch {
     pub fn pad(rows: &[&Encoded], pad_id: u32, device: &Device) -> candle_core::Result<Self> {
         let len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
         let n = rows.len();
-        let (mut ids, mut types, mut mask) = (vec![pad_id; n * len], vec![0u32; n * len], vec![0u32; n * len]);
+        let (mut ids, mut types, mut mask) =
+            (vec![pad_id; n * len], vec![0u32; n * len], vec![0u32; n * len]);
         for (i, row) in rows.iter().enumerate() {
             let at = i * len;
             ids[at..at + row.ids.len()].copy_from_slice(&row.ids);
@@ -68,7 +69,8 @@ impl Tokenizer {
 
     /// Tokenises sentences (in parallel), adding the model's special tokens.
     pub fn encode(&self, sentences: &[&str]) -> Result<Vec<Encoded>> {
-        let encodings = self.inner.encode_batch(sentences.to_vec(), true).map_err(|e| anyhow!("tokenizer: {e}"))?;
+        let encodings =
+            self.inner.encode_batch(sentences.to_vec(), true).map_err(|e| anyhow!("tokenizer: {e}"))?;
         Ok(encodings
             .into_iter()
             .map(|e| Encoded { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })

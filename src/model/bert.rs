@@ -205,7 +205,7 @@ struct SelfAttention {
 impl SelfAttention {
     fn load(vb: VarBuilder, cfg: &Config, layer: usize) -> Result<Self> {
         let h = cfg.hidden_size;
-        if h % cfg.num_attention_heads != 0 {
+        if !h.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!(
                 "hidden_size {h} is not a multiple of num_attention_heads {}",
                 cfg.num_attention_heads
@@ -224,7 +224,13 @@ impl SelfAttention {
     }
 
     /// Attention of `queries` (all positions of `xs`, or a prefix of them) over all of `xs`.
-    fn forward(&self, xs: &Tensor, queries: &Tensor, mask_bias: &Tensor, dropout: &Dropout) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        queries: &Tensor,
+        mask_bias: &Tensor,
+        dropout: &Dropout,
+    ) -> Result<Tensor> {
         let (batch, len, hidden) = xs.dims3()?;
         let query_len = queries.dim(1)?;
         let head_dim = hidden / self.num_heads;
@@ -343,8 +349,7 @@ impl BertModel {
         let (batch, len) = input_ids.dims2()?;
         let mut xs = self.embeddings.forward(input_ids, token_type_ids, dropout)?;
         // Additive key mask: 0 for tokens, a large negative number for padding.
-        let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 1e9)?
-            .reshape((batch, 1, 1, len))?;
+        let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 1e9)?.reshape((batch, 1, 1, len))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let queries = if last_layer_first_only && i + 1 == self.layers.len() {
                 xs.narrow(1, 0, 1)?

