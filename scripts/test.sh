@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-minilm.sh
 cargo fmt --all --check
-cargo clippy --all-targets --release -- -D warnings
-cargo test --release --all-targets
+cargo clippy --workspace --all-targets --release -- -D warnings
+cargo test --workspace --release --all-targets

@@ -3,11 +3,15 @@
 //! The library holds the method (model, losses, data, evaluation); the `kdmcse` binary and the
 //! launcher build the training application on top of it.
 
+pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod embed;
 pub mod eval;
+pub mod export;
 pub mod loss;
 pub mod model;
+pub mod train;
 
 /// The global allocator of kdmcse's binaries. A training step allocates and frees hundreds of MB
 /// of activations; glibc's malloc hands large blocks back to the kernel and page-faults them in

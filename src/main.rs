@@ -4,11 +4,13 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
+use kdmcse::checkpoint::CheckpointStore;
 use kdmcse::embed::SentenceEncoder;
 use kdmcse::eval::{self, Task};
 use kdmcse::model::Pooling;
+use kdmcse::train::{Outcome, Resume, TrainConfig, Trainer};
 
 #[global_allocator]
 static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
@@ -26,6 +28,38 @@ enum Command {
     Eval(EvalArgs),
     /// Embeds one sentence a line into a safetensors file (tensor `embeddings`).
     Encode(EncodeArgs),
+    /// Trains a student (resuming from the newest checkpoint under output.dir by default).
+    Train(TrainArgs),
+    /// Writes a checkpoint as a Hugging Face / sentence-transformers model folder.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// A TOML config (see configs/); KDMCSE_SECTION__KEY variables override it.
+    #[arg(long)]
+    config: PathBuf,
+    /// Overrides a config key, e.g. --set train.max_steps=100 (repeatable; applied last).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// `auto` (newest checkpoint that verifies, if any), `none`, or a checkpoint
+    /// (`step-00000100` under output.dir, or `<root>/checkpoints/<name>`).
+    #[arg(long, default_value = "auto")]
+    resume: Resume,
+    /// Stop (with a checkpoint) once this many optimiser steps are done, as a pre-empted job
+    /// would; `--resume auto` continues the same run.
+    #[arg(long, value_name = "STEP")]
+    stop_after: Option<u64>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A run's output.dir (its newest checkpoint) or a checkpoint `<root>/checkpoints/<name>`.
+    #[arg(long)]
+    checkpoint: String,
+    /// The folder to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -79,12 +113,15 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     kdmcse::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
         Command::Encode(args) => run_encode(args),
+        Command::Train(args) => run_train(args),
+        Command::Export(args) => run_export(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
@@ -136,20 +173,18 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let encoder = SentenceEncoder::load(&args.model.model, args.model.pooler, None, &device)?;
     let mut scores = serde_json::Map::new();
     for (task, data) in loaded {
-        let sentences: Vec<&str> = data.first.iter().chain(&data.second).map(String::as_str).collect();
+        let sentences = data.sentences();
         let bar = progress(sentences.len(), task.name());
         let embeddings = encoder.encode(&sentences, args.model.batch_size, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
-        let n = data.len();
-        let cosines = cosine_rows(&embeddings.narrow(0, 0, n)?, &embeddings.narrow(0, n, n)?)?;
-        let score = round2(eval::spearman(&cosines, &data.gold) * 100.0);
-        println!("{:<16} {score:6.2}  ({n} pairs)", task.name());
+        let score = eval::sts_score(&embeddings, &data)?;
+        println!("{:<16} {score:6.2}  ({} pairs)", task.name(), data.len());
         scores.insert(task.name().to_owned(), score.into());
     }
     let present: Vec<f64> = scores.values().filter_map(|v| v.as_f64()).collect();
     let avg = match present.len() {
         0 => serde_json::Value::Null,
-        n => round2(present.iter().sum::<f64>() / n as f64).into(),
+        n => eval::round2(present.iter().sum::<f64>() / n as f64).into(),
     };
     println!("{:<16} {avg}", "avg");
     if args.json {
@@ -158,17 +193,6 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         println!("{}", serde_json::Value::Object(scores));
     }
     Ok(())
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-/// Row-wise cosine similarity of two `[n, d]` matrices.
-fn cosine_rows(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
-    let dot = (a * b)?.sum(1)?;
-    let norms = (a.sqr()?.sum(1)?.sqrt()? * b.sqr()?.sum(1)?.sqrt()?)?;
-    Ok(dot.div(&norms)?.to_dtype(DType::F64)?.to_vec1()?)
 }
 
 fn run_encode(args: EncodeArgs) -> Result<()> {
@@ -184,5 +208,33 @@ fn run_encode(args: EncodeArgs) -> Result<()> {
         .save_safetensors("embeddings", &args.output)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     tracing::info!(sentences = sentences.len(), output = %args.output.display(), "encoded");
+    Ok(())
+}
+
+fn run_train(args: TrainArgs) -> Result<()> {
+    let config = TrainConfig::load(&args.config, &args.overrides)?;
+    kdmcse::train::install_stop_handler()?;
+    let group = kdmcse::dist::init_from_env()?;
+    let mut trainer = Trainer::new(config, group.comm.as_ref())?;
+    trainer.resume(&args.resume)?;
+    let summary = trainer.train(args.stop_after)?;
+    tracing::info!(?summary, "done");
+    println!("{}", serde_json::to_string(&summary)?);
+    if summary.outcome == Outcome::Interrupted {
+        std::process::exit(143); // stopped by a signal, checkpoint written: not finished
+    }
+    Ok(())
+}
+
+fn run_export(args: ExportArgs) -> Result<()> {
+    let checkpoint = match args.checkpoint.rsplit_once("/checkpoints/") {
+        Some((root, name)) => CheckpointStore::open(root)?.load(name.trim_end_matches('/'))?,
+        None => CheckpointStore::open(&args.checkpoint)?
+            .load_newest()?
+            .with_context(|| format!("no checkpoint that verifies under {}", args.checkpoint))?,
+    };
+    let files = kdmcse::export::export_files(&checkpoint)?;
+    kdmcse::export::write_dir(&files, &args.out)?;
+    tracing::info!(checkpoint = %checkpoint.name, out = %args.out.display(), "exported");
     Ok(())
 }

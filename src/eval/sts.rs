@@ -129,6 +129,15 @@ pub fn locate(data_dir: &Path, task: Task) -> Option<PathBuf> {
     }
 }
 
+/// STS-B dev (`stsb/sts-dev.csv`), the split used for model selection during training.
+pub fn load_stsb_dev(data_dir: &Path) -> Result<TaskData> {
+    let path = data_dir.join("stsb").join("sts-dev.csv");
+    if !path.is_file() {
+        bail!("STS-B dev set not found: {}", path.display());
+    }
+    read_columns(&path, false, (5, 6, 4))
+}
+
 /// Loads a task from `data_dir`; `Ok(None)` when its files are absent.
 pub fn load_task(data_dir: &Path, task: Task) -> Result<Option<TaskData>> {
     let Some(path) = locate(data_dir, task) else { return Ok(None) };

@@ -218,8 +218,9 @@ fn layer_norm_backward_cpu(
     let w_v = weight.to_vec1::<f32>()?;
     let eps = eps as f32;
     let mut dx = vec![0f32; rows * dim];
-    // Per-chunk partial sums for dweight/dbias, reduced afterwards.
-    let chunk_rows = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    // Per-chunk partial sums for dweight/dbias, reduced afterwards in chunk order. The chunk size
+    // is fixed, not derived from the thread count, so results do not depend on it.
+    let chunk_rows = 64;
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(chunk_rows * dim)
         .zip(xs_v.par_chunks(chunk_rows * dim))

@@ -1,0 +1,262 @@
+//! Checkpoints in an object store (a local directory, `file://`, `s3://` and the other schemes
+//! of `object_store`), written with a commit protocol:
+//!
+//! 1. every part of checkpoint `step-NNNNNNNN/` is uploaded (large ones as multipart uploads);
+//! 2. `step-NNNNNNNN/manifest.json` lists each part's size and sha256;
+//! 3. the `latest` pointer is replaced last.
+//!
+//! A reader trusts a checkpoint only when its manifest verifies, so a crash or a lost connection
+//! at any point leaves at worst an unreferenced, unverifiable directory, never a corrupt resume.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, PutPayload, WriteMultipart};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Parts above this size go up as multipart uploads.
+const MULTIPART_THRESHOLD: usize = 32 << 20;
+const MULTIPART_CHUNK: usize = 16 << 20;
+
+/// One part of a checkpoint as listed in its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub step: u64,
+    pub parts: BTreeMap<String, PartInfo>,
+}
+
+/// A verified checkpoint's parts.
+pub struct Checkpoint {
+    pub name: String,
+    pub step: u64,
+    pub parts: BTreeMap<String, Bytes>,
+}
+
+impl Checkpoint {
+    pub fn part(&self, name: &str) -> Result<&Bytes> {
+        self.parts.get(name).with_context(|| format!("checkpoint {} has no part {name}", self.name))
+    }
+}
+
+/// Checkpoints under one root of an object store.
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    root: StorePath,
+    url: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// The directory name of the checkpoint after `step` optimiser steps.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+impl CheckpointStore {
+    /// Opens `location`: a URL with a scheme `object_store` knows (`s3://bucket/prefix` with the
+    /// standard `AWS_*` variables, `file:///abs/path`, `gs://`, `az://`), or a plain path
+    /// (created if missing).
+    pub fn open(location: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (store, root): (Arc<dyn ObjectStore>, StorePath) = if location.contains("://") {
+            let url = url_parse(location)?;
+            let (store, root) = if url.scheme() == "s3" {
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(location)
+                    .build()
+                    .with_context(|| format!("cannot open {location}"))?;
+                (Box::new(store) as Box<dyn ObjectStore>, StorePath::from_url_path(url.path())?)
+            } else {
+                let options: Vec<(String, String)> = std::env::vars().collect();
+                object_store::parse_url_opts(&url, options)
+                    .with_context(|| format!("cannot open {location}"))?
+            };
+            (Arc::from(store), root)
+        } else {
+            std::fs::create_dir_all(location).with_context(|| format!("cannot create {location}"))?;
+            let store = object_store::local::LocalFileSystem::new_with_prefix(location)
+                .with_context(|| format!("cannot open {location}"))?;
+            (Arc::new(store), StorePath::default())
+        };
+        Ok(Self { store, root, url: location.to_owned(), runtime })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, rel: &str) -> StorePath {
+        rel.split('/').fold(self.root.clone(), |p, part| p.child(part))
+    }
+
+    fn put(&self, rel: &str, data: Bytes) -> Result<()> {
+        let path = self.path(rel);
+        self.runtime
+            .block_on(async {
+                if data.len() > MULTIPART_THRESHOLD {
+                    let upload = self.store.put_multipart(&path).await?;
+                    let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_CHUNK);
+                    writer.put(data);
+                    writer.finish().await?;
+                } else {
+                    self.store.put(&path, PutPayload::from_bytes(data)).await?;
+                }
+                Ok::<_, object_store::Error>(())
+            })
+            .with_context(|| format!("cannot write {}/{rel}", self.url))
+    }
+
+    fn get(&self, rel: &str) -> Result<Option<Bytes>> {
+        let path = self.path(rel);
+        let result = self.runtime.block_on(async {
+            match self.store.get(&path).await {
+                Ok(r) => r.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        result.with_context(|| format!("cannot read {}/{rel}", self.url))
+    }
+
+    /// Writes checkpoint `step` (parts, then manifest, then `latest`); returns its name.
+    pub fn save(&self, step: u64, parts: &BTreeMap<String, Bytes>) -> Result<String> {
+        let name = checkpoint_name(step);
+        let mut manifest = Manifest { step, parts: BTreeMap::new() };
+        for (part, data) in parts {
+            self.put(&format!("checkpoints/{name}/{part}"), data.clone())?;
+            manifest
+                .parts
+                .insert(part.clone(), PartInfo { size: data.len() as u64, sha256: sha256_hex(data) });
+        }
+        let manifest = serde_json::to_vec_pretty(&manifest)?;
+        self.put(&format!("checkpoints/{name}/manifest.json"), manifest.into())?;
+        self.put("latest", Bytes::from(name.clone()))?;
+        Ok(name)
+    }
+
+    /// Writes plain files (an export) under `prefix/`.
+    pub fn put_files(&self, prefix: &str, files: &BTreeMap<String, Bytes>) -> Result<()> {
+        for (rel, data) in files {
+            self.put(&format!("{prefix}/{rel}"), data.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Marks checkpoint `name` as the best by evaluation (kept by retention).
+    pub fn set_best(&self, name: &str) -> Result<()> {
+        self.put("best", Bytes::from(name.to_owned()))
+    }
+
+    /// A pointer file's target (`latest`, `best`), if set.
+    pub fn pointer(&self, pointer: &str) -> Result<Option<String>> {
+        Ok(self.get(pointer)?.map(|b| String::from_utf8_lossy(&b).trim().to_owned()))
+    }
+
+    /// Checkpoint names present (verified or not), oldest first.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let prefix = self.path("checkpoints");
+        let listing = self
+            .runtime
+            .block_on(self.store.list_with_delimiter(Some(&prefix)))
+            .with_context(|| format!("cannot list {}/checkpoints", self.url))?;
+        let mut names: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Loads checkpoint `name` and checks every part against its manifest.
+    pub fn load(&self, name: &str) -> Result<Checkpoint> {
+        let manifest = self.get(&format!("checkpoints/{name}/manifest.json"))?.with_context(|| {
+            format!("checkpoint {}/checkpoints/{name} has no manifest (incomplete)", self.url)
+        })?;
+        let manifest: Manifest = serde_json::from_slice(&manifest)
+            .with_context(|| format!("checkpoint {}/checkpoints/{name}: unreadable manifest", self.url))?;
+        let mut parts = BTreeMap::new();
+        for (part, info) in &manifest.parts {
+            let rel = format!("checkpoints/{name}/{part}");
+            let data = self.get(&rel)?.with_context(|| format!("{}/{rel} is missing", self.url))?;
+            if data.len() as u64 != info.size || sha256_hex(&data) != info.sha256 {
+                bail!(
+                    "{}/{rel} does not match its manifest ({} bytes, sha256 {}; manifest: {} bytes, {})",
+                    self.url,
+                    data.len(),
+                    sha256_hex(&data),
+                    info.size,
+                    info.sha256
+                );
+            }
+            parts.insert(part.clone(), data);
+        }
+        Ok(Checkpoint { name: name.to_owned(), step: manifest.step, parts })
+    }
+
+    /// The newest checkpoint that verifies: `latest` first, then older ones, newest first,
+    /// warning about each one passed over. `None` when there is none.
+    pub fn load_newest(&self) -> Result<Option<Checkpoint>> {
+        let mut candidates = self.list()?;
+        candidates.reverse();
+        if let Some(latest) = self.pointer("latest")? {
+            candidates.retain(|n| *n != latest);
+            candidates.insert(0, latest);
+        }
+        for name in candidates {
+            match self.load(&name) {
+                Ok(checkpoint) => return Ok(Some(checkpoint)),
+                Err(err) => tracing::warn!("skipping checkpoint {name}: {err:#}"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes all but the newest `keep` checkpoints, never the targets of `latest` or `best`.
+    pub fn retain(&self, keep: usize) -> Result<Vec<String>> {
+        let names = self.list()?;
+        let protected = [self.pointer("latest")?, self.pointer("best")?];
+        let doomed: Vec<String> = names
+            .iter()
+            .rev()
+            .skip(keep)
+            .filter(|n| !protected.iter().flatten().any(|p| p == *n))
+            .cloned()
+            .collect();
+        for name in &doomed {
+            let prefix = self.path(&format!("checkpoints/{name}"));
+            self.runtime
+                .block_on(async {
+                    let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+                    // The manifest first: a half-deleted checkpoint must not verify.
+                    let (manifests, rest): (Vec<_>, Vec<_>) =
+                        objects.into_iter().partition(|o| o.location.filename() == Some("manifest.json"));
+                    for object in manifests.into_iter().chain(rest) {
+                        self.store.delete(&object.location).await?;
+                    }
+                    Ok::<_, object_store::Error>(())
+                })
+                .with_context(|| format!("cannot delete {}/checkpoints/{name}", self.url))?;
+        }
+        Ok(doomed)
+    }
+}
+
+fn url_parse(location: &str) -> Result<url::Url> {
+    url::Url::parse(location).with_context(|| format!("not a valid URL: {location}"))
+}

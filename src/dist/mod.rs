@@ -1,0 +1,185 @@
+//! Collectives between training processes: the [`Communicator`] interface the trainer uses to
+//! gather embeddings and teacher features (global negatives) and to all-reduce gradients, and
+//! [`init_from_env`], which joins a job from the launcher's environment (`RANK`, `WORLD_SIZE`,
+//! `MASTER_ADDR`, `MASTER_PORT`, as torchrun sets them).
+//!
+//! Backends: [`SingleProcess`] (a world of one) and [`tcp::TcpCommunicator`], a TCP mesh for
+//! development, tests and CPU boxes. NCCL is the engine for real GPU runs.
+
+pub mod store;
+pub mod tcp;
+
+use std::net::{ToSocketAddrs, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+
+/// All-gather, all-reduce (sum), broadcast and barrier over the ranks of one training job.
+/// Every rank calls each collective in the same order with tensors of the same shape.
+pub trait Communicator {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Every rank's `local`, concatenated along dimension 0 in rank order.
+    fn all_gather(&self, local: &Tensor) -> Result<Tensor>;
+    /// The elementwise sum over ranks.
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor>;
+    /// `root`'s tensor on every rank.
+    fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor>;
+    fn barrier(&self) -> Result<()>;
+    /// Every rank's bytes, in rank order (small control messages: states, flags).
+    fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
+}
+
+/// One process: every collective is the identity.
+pub struct SingleProcess;
+
+impl Communicator for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_gather(&self, local: &Tensor) -> Result<Tensor> {
+        Ok(local.clone())
+    }
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        Ok(tensor.clone())
+    }
+    fn broadcast(&self, tensor: &Tensor, _root: usize) -> Result<Tensor> {
+        Ok(tensor.clone())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![data.to_vec()])
+    }
+}
+
+/// The global batch of `local` with gradient flowing into this rank's slice only: other ranks'
+/// rows arrive as constants, this rank's rows are `local` itself. Each rank then computes the
+/// global loss; summing the ranks' gradients (all-reduce) gives exactly the gradient of one
+/// process on the whole batch, since each row's contribution is computed by its owner alone.
+pub fn gather_with_local_grad(comm: &dyn Communicator, local: &Tensor) -> Result<Tensor> {
+    if comm.world_size() == 1 {
+        return Ok(local.clone());
+    }
+    let rows = local.dim(0)?;
+    let all = comm.all_gather(&local.detach())?;
+    let start = comm.rank() * rows;
+    let mut parts = Vec::with_capacity(3);
+    if start > 0 {
+        parts.push(all.narrow(0, 0, start)?);
+    }
+    parts.push(local.clone());
+    let end = start + rows;
+    if end < all.dim(0)? {
+        parts.push(all.narrow(0, end, all.dim(0)? - end)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Elements per all-reduce bucket (PyTorch DDP's 25 MB of f32).
+const BUCKET_ELEMENTS: usize = 25 << 18;
+
+/// Sums gradients over ranks, packed into buckets of about 25 MB so each collective moves a
+/// large message. `None` (a parameter without gradient this step, the same on every rank) stays.
+pub fn all_reduce_grads(comm: &dyn Communicator, grads: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    if comm.world_size() == 1 {
+        return Ok(grads);
+    }
+    let mut out: Vec<Option<Tensor>> = vec![None; grads.len()];
+    let present: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+    let mut bucket: Vec<usize> = Vec::new();
+    let mut size = 0;
+    let flush = |bucket: &mut Vec<usize>, out: &mut Vec<Option<Tensor>>| -> Result<()> {
+        if bucket.is_empty() {
+            return Ok(());
+        }
+        let flat: Vec<Tensor> = bucket
+            .iter()
+            .map(|&i| grads[i].as_ref().expect("present").flatten_all())
+            .collect::<candle_core::Result<_>>()?;
+        let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+        let mut offset = 0;
+        for &i in bucket.iter() {
+            let g = grads[i].as_ref().expect("present");
+            out[i] = Some(summed.narrow(0, offset, g.elem_count())?.reshape(g.shape())?);
+            offset += g.elem_count();
+        }
+        bucket.clear();
+        Ok(())
+    };
+    for i in present {
+        bucket.push(i);
+        size += grads[i].as_ref().expect("present").elem_count();
+        if size >= BUCKET_ELEMENTS {
+            flush(&mut bucket, &mut out)?;
+            size = 0;
+        }
+    }
+    flush(&mut bucket, &mut out)?;
+    Ok(out)
+}
+
+/// A joined job: the communicator, and on rank 0 the rendezvous store it hosts.
+pub struct ProcessGroup {
+    pub comm: Box<dyn Communicator>,
+    _store: Option<store::StoreServer>,
+}
+
+fn env_usize(name: &str) -> Result<Option<usize>> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().map(Some).with_context(|| format!("{name}={v:?} is not a number")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// How long rendezvous and every collective may wait (`KDMCSE_TIMEOUT` seconds, default 600).
+pub fn timeout_from_env() -> Result<Duration> {
+    Ok(Duration::from_secs(env_usize("KDMCSE_TIMEOUT")?.unwrap_or(600) as u64))
+}
+
+/// Joins the job described by the environment: a single process without `WORLD_SIZE` (or with
+/// 1), else the TCP mesh, rendezvousing through the store rank 0 hosts at
+/// `MASTER_ADDR:MASTER_PORT`.
+pub fn init_from_env() -> Result<ProcessGroup> {
+    let world_size = env_usize("WORLD_SIZE")?.unwrap_or(1);
+    if world_size <= 1 {
+        return Ok(ProcessGroup { comm: Box::new(SingleProcess), _store: None });
+    }
+    let rank = env_usize("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
+    if rank >= world_size {
+        anyhow::bail!("RANK={rank} is not below WORLD_SIZE={world_size}");
+    }
+    let master = std::env::var("MASTER_ADDR").context("WORLD_SIZE > 1 needs MASTER_ADDR")?;
+    let port = env_usize("MASTER_PORT")?.context("WORLD_SIZE > 1 needs MASTER_PORT")?;
+    let timeout = timeout_from_env()?;
+    let generation = format!("g{}", std::env::var("KDMCSE_RESTART_COUNT").unwrap_or_else(|_| "0".into()));
+    let server = if rank == 0 { Some(store::StoreServer::start(&format!("0.0.0.0:{port}"))?) } else { None };
+    let master_addr = format!("{master}:{port}");
+    let mut client = store::StoreClient::connect(&master_addr, timeout)
+        .with_context(|| format!("rank {rank}: cannot join the job"))?;
+    let ip = advertise_ip(&master_addr)?;
+    let comm = tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, &generation, timeout)
+        .with_context(|| format!("rank {rank}: collectives setup failed"))?;
+    tracing::info!(rank, world_size, %master_addr, pid = std::process::id(), "joined the job (TCP collectives)");
+    Ok(ProcessGroup { comm: Box::new(comm), _store: server })
+}
+
+/// The local address other ranks reach this one at: the interface that routes to the master.
+fn advertise_ip(master_addr: &str) -> Result<String> {
+    let target = master_addr
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {master_addr}"))?
+        .next()
+        .with_context(|| format!("{master_addr} has no address"))?;
+    if target.ip().is_loopback() {
+        return Ok(target.ip().to_string());
+    }
+    let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+    socket.connect(target)?; // no packet is sent: this only picks the route
+    Ok(socket.local_addr()?.ip().to_string())
+}

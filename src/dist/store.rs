@@ -1,0 +1,248 @@
+//! The rendezvous store: a small TCP key-value store that rank 0 hosts at
+//! `MASTER_ADDR:MASTER_PORT` (the role of PyTorch's `TCPStore`). Ranks publish their collective
+//! addresses (and, on GPUs, rank 0 the NCCL unique id) and wait for each other's keys; every wait
+//! has a deadline and its error says which ranks never arrived.
+//!
+//! Wire format, both ways: `op: u8, key_len: u32, key, value_len: u32, value` (little endian).
+//! Ops: SET stores a value; GET answers once the key exists (the server parks the request);
+//! CHECK answers at once whether the key exists.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+const SET: u8 = 1;
+const GET: u8 = 2;
+const CHECK: u8 = 3;
+
+#[derive(Default)]
+struct Shared {
+    values: Mutex<HashMap<String, Vec<u8>>>,
+    changed: Notify,
+}
+
+/// The server; it runs on a background thread until dropped.
+pub struct StoreServer {
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StoreServer {
+    /// Listens on `addr` (all interfaces with `0.0.0.0:PORT`).
+    pub fn start(addr: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("rendezvous: cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let shared = Arc::new(Shared::default());
+        let thread = std::thread::Builder::new().name("kdmcse-store".into()).spawn(move || {
+            runtime.block_on(async move {
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        accepted = listener.accept() => {
+                            let Ok((socket, _)) = accepted else { continue };
+                            let _ = socket.set_nodelay(true);
+                            tokio::spawn(serve(socket, shared.clone()));
+                        }
+                    }
+                }
+            })
+        })?;
+        Ok(Self { addr: local, shutdown: Some(tx), thread: Some(thread) })
+    }
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn read_frame(socket: &mut tokio::net::TcpStream) -> std::io::Result<(u8, String, Vec<u8>)> {
+    let op = socket.read_u8().await?;
+    let key_len = socket.read_u32_le().await? as usize;
+    let mut key = vec![0; key_len];
+    socket.read_exact(&mut key).await?;
+    let value_len = socket.read_u32_le().await? as usize;
+    let mut value = vec![0; value_len];
+    socket.read_exact(&mut value).await?;
+    Ok((op, String::from_utf8_lossy(&key).into_owned(), value))
+}
+
+async fn serve(mut socket: tokio::net::TcpStream, shared: Arc<Shared>) {
+    while let Ok((op, key, value)) = read_frame(&mut socket).await {
+        let reply: (u8, Vec<u8>) = match op {
+            SET => {
+                shared.values.lock().expect("store lock").insert(key, value);
+                shared.changed.notify_waiters();
+                (0, Vec::new())
+            }
+            GET => loop {
+                // Register for a wake-up before looking, so a SET in between is not missed.
+                let notified = shared.changed.notified();
+                if let Some(v) = shared.values.lock().expect("store lock").get(&key) {
+                    break (0, v.clone());
+                }
+                notified.await;
+            },
+            CHECK => match shared.values.lock().expect("store lock").get(&key) {
+                Some(v) => (0, v.clone()),
+                None => (1, Vec::new()),
+            },
+            _ => break,
+        };
+        let mut out = Vec::with_capacity(5 + reply.1.len());
+        out.push(reply.0);
+        out.extend_from_slice(&(reply.1.len() as u32).to_le_bytes());
+        out.extend_from_slice(&reply.1);
+        if socket.write_all(&out).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// A blocking client of the store.
+pub struct StoreClient {
+    stream: TcpStream,
+    addr: String,
+}
+
+impl StoreClient {
+    /// Connects to `addr`, retrying until `timeout` (the master may still be starting).
+    pub fn connect(addr: &str, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = addr
+                .to_socket_addrs()
+                .with_context(|| format!("rendezvous: cannot resolve {addr}"))
+                .and_then(|mut addrs| {
+                    let target =
+                        addrs.next().with_context(|| format!("rendezvous: {addr} has no address"))?;
+                    Ok(TcpStream::connect_timeout(&target, Duration::from_secs(2))?)
+                });
+            match attempt {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    return Ok(Self { stream, addr: addr.to_owned() });
+                }
+                Err(err) if Instant::now() >= deadline => {
+                    return Err(err.context(format!(
+                        "rendezvous: cannot reach the master's store at {addr} within {timeout:?}"
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    fn request(
+        &mut self,
+        op: u8,
+        key: &str,
+        value: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(u8, Vec<u8>)> {
+        let mut frame = Vec::with_capacity(9 + key.len() + value.len());
+        frame.push(op);
+        frame.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        frame.extend_from_slice(key.as_bytes());
+        frame.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        frame.extend_from_slice(value);
+        self.stream.set_read_timeout(timeout)?;
+        self.stream
+            .write_all(&frame)
+            .with_context(|| format!("rendezvous: lost the store at {}", self.addr))?;
+        let mut head = [0u8; 5];
+        self.stream.read_exact(&mut head)?;
+        let mut reply = vec![0; u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize];
+        self.stream.read_exact(&mut reply)?;
+        Ok((head[0], reply))
+    }
+
+    pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        self.request(SET, key, value, None).map(|_| ())
+    }
+
+    /// The value of `key` if it is set now.
+    pub fn check(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
+        let (status, value) = self.request(CHECK, key, &[], None)?;
+        Ok((status == 0).then_some(value))
+    }
+
+    /// Waits for `key[r]` of every rank `r` in `ranks` and returns their values in order. On
+    /// timeout the error lists the ranks whose key never appeared.
+    pub fn wait_all(
+        &mut self,
+        what: &str,
+        keys: &[(usize, String)],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        let mut values = Vec::with_capacity(keys.len());
+        for (rank, key) in keys {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            match self.request(GET, key, &[], Some(left)) {
+                Ok((_, value)) => values.push(value),
+                Err(_) => {
+                    // The parked GET timed out: this connection is unusable, ask on a fresh one.
+                    let mut probe = StoreClient::connect(&self.addr, Duration::from_secs(5))?;
+                    let mut missing = Vec::new();
+                    for (r, k) in keys {
+                        if probe.check(k)?.is_none() {
+                            missing.push(*r);
+                        }
+                    }
+                    if missing.is_empty() {
+                        missing.push(*rank);
+                    }
+                    bail!(
+                        "rendezvous timed out after {timeout:?} waiting for {what}: rank(s) {missing:?} never arrived"
+                    );
+                }
+            }
+        }
+        Ok(values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_and_timeouts_name_the_missing_ranks() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let mut a = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+        let waiter = {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut b = StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+                b.wait_all("addresses", &[(0, "addr/0".into())], Duration::from_secs(10)).unwrap()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        a.set("addr/0", b"10.0.0.1:4000").unwrap();
+        assert_eq!(waiter.join().unwrap(), vec![b"10.0.0.1:4000".to_vec()]);
+        assert_eq!(a.check("nope").unwrap(), None);
+        a.set("addr/2", b"x").unwrap();
+        let keys: Vec<(usize, String)> = (0..4).map(|r| (r, format!("addr/{r}"))).collect();
+        let err = a.wait_all("addresses", &keys, Duration::from_millis(300)).unwrap_err().to_string();
+        assert!(err.contains("[1, 3]"), "{err}");
+    }
+}

@@ -1,0 +1,186 @@
+//! The CPU collective backend: a full mesh of TCP connections between ranks.
+//!
+//! This backend is for development, tests and CPU boxes. Real runs on GPUs use NCCL (the `cuda`
+//! feature), which implements the same [`Communicator`] trait.
+//!
+//! Every collective is an all-gather of byte buffers: each rank sends its buffer to every peer
+//! (from scoped sender threads, so large messages cannot deadlock) while reading theirs. A sum is
+//! then computed locally in rank order, so every rank gets bit-identical results, which keeps
+//! replicated weights identical.
+
+use std::io::{BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::store::StoreClient;
+use super::Communicator;
+
+pub struct TcpCommunicator {
+    rank: usize,
+    world_size: usize,
+    /// `peers[r]`: the connection to rank `r` (`None` for this rank). A collective writes to a
+    /// peer from one thread while reading from it on another (`&TcpStream` does both).
+    peers: Vec<Option<TcpStream>>,
+}
+
+impl TcpCommunicator {
+    /// Builds the mesh: listens on `bind_ip`, publishes `advertise_ip:port` as `tcp/<rank>` in the
+    /// store, connects to lower ranks and accepts the higher ones. `timeout` bounds the rendezvous
+    /// and every later receive.
+    pub fn connect(
+        store: &mut StoreClient,
+        rank: usize,
+        world_size: usize,
+        advertise_ip: &str,
+        generation: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let listener = TcpListener::bind((advertise_ip, 0))
+            .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
+            .context("collectives: cannot open a listening socket")?;
+        let port = listener.local_addr()?.port();
+        store.set(&format!("{generation}/tcp/{rank}"), format!("{advertise_ip}:{port}").as_bytes())?;
+        let keys: Vec<(usize, String)> =
+            (0..world_size).map(|r| (r, format!("{generation}/tcp/{r}"))).collect();
+        let addrs = store.wait_all("the collective addresses of every rank", &keys, timeout)?;
+        let mut peers: Vec<Option<TcpStream>> = (0..world_size).map(|_| None).collect();
+        for (peer, addr) in addrs.iter().enumerate().take(rank) {
+            let addr = String::from_utf8_lossy(addr).into_owned();
+            let mut stream = TcpStream::connect(&addr)
+                .with_context(|| format!("collectives: cannot reach rank {peer} at {addr}"))?;
+            stream.write_all(&(rank as u64).to_le_bytes())?;
+            peers[peer] = Some(stream);
+        }
+        listener.set_nonblocking(false)?;
+        for _ in rank + 1..world_size {
+            let (mut stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(timeout))?;
+            let mut id = [0u8; 8];
+            stream.read_exact(&mut id).context("collectives: a peer connected but did not say its rank")?;
+            let peer = u64::from_le_bytes(id) as usize;
+            if peer <= rank || peer >= world_size || peers[peer].is_some() {
+                bail!("collectives: unexpected connection from rank {peer}");
+            }
+            peers[peer] = Some(stream);
+        }
+        for stream in peers.iter().flatten() {
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(timeout))?;
+        }
+        Ok(Self { rank, world_size, peers })
+    }
+
+    /// Every rank's buffer, in rank order.
+    fn exchange(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); self.world_size];
+        std::thread::scope(|scope| -> Result<()> {
+            let senders: Vec<_> = self
+                .peers
+                .iter()
+                .enumerate()
+                .filter_map(|(peer, s)| s.as_ref().map(|s| (peer, s)))
+                .map(|(peer, stream)| {
+                    scope.spawn(move || -> Result<()> {
+                        let mut writer = BufWriter::with_capacity(1 << 20, stream);
+                        writer.write_all(&(data.len() as u64).to_le_bytes())?;
+                        writer.write_all(data)?;
+                        writer.flush().with_context(|| format!("collectives: lost rank {peer}"))
+                    })
+                })
+                .collect();
+            for (peer, stream) in self.peers.iter().enumerate() {
+                let Some(stream) = stream else {
+                    out[peer] = data.to_vec();
+                    continue;
+                };
+                // No read-ahead buffer: bytes past this message belong to the next collective.
+                let mut reader = stream;
+                let mut len = [0u8; 8];
+                reader.read_exact(&mut len).with_context(|| format!("collectives: lost rank {peer}"))?;
+                let mut buf = vec![0u8; u64::from_le_bytes(len) as usize];
+                reader.read_exact(&mut buf).with_context(|| format!("collectives: lost rank {peer}"))?;
+                out[peer] = buf;
+            }
+            for sender in senders {
+                sender.join().expect("sender thread")?;
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// A tensor as raw little-endian f32 bytes (the wire format of the tensor collectives, which
+/// carry embeddings, features and gradients: f32, or f16/bf16 widened losslessly).
+fn to_bytes(tensor: &Tensor) -> Result<(Vec<u8>, Vec<usize>, DType)> {
+    let dtype = tensor.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        bail!("the TCP collectives carry float tensors, got {dtype:?}");
+    }
+    let data = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Ok((bytes, tensor.dims().to_vec(), dtype))
+}
+
+fn from_bytes(bytes: &[u8], dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> =
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+    Ok(Tensor::from_vec(data, dims, device)?.to_dtype(dtype)?)
+}
+
+impl Communicator for TcpCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_gather(&self, local: &Tensor) -> Result<Tensor> {
+        let (bytes, dims, dtype) = to_bytes(local)?;
+        let parts = self.exchange(&bytes)?;
+        let mut dims_out = dims.clone();
+        dims_out[0] *= self.world_size;
+        let mut all = Vec::with_capacity(bytes.len() * self.world_size);
+        for (rank, part) in parts.iter().enumerate() {
+            if part.len() != bytes.len() {
+                bail!("all_gather: rank {rank} sent {} bytes, this rank {}", part.len(), bytes.len());
+            }
+            all.extend_from_slice(part);
+        }
+        from_bytes(&all, &dims_out, dtype, local.device())
+    }
+
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        let (bytes, dims, dtype) = to_bytes(tensor)?;
+        let parts = self.exchange(&bytes)?;
+        let mut sum = vec![0f32; bytes.len() / 4];
+        for (rank, part) in parts.iter().enumerate() {
+            if part.len() != bytes.len() {
+                bail!("all_reduce: rank {rank} sent {} bytes, this rank {}", part.len(), bytes.len());
+            }
+            for (s, c) in sum.iter_mut().zip(part.chunks_exact(4)) {
+                *s += f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+        }
+        Ok(Tensor::from_vec(sum, dims, tensor.device())?.to_dtype(dtype)?)
+    }
+
+    fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
+        let (bytes, dims, dtype) = to_bytes(tensor)?;
+        let parts = self.exchange(if self.rank == root { &bytes } else { &[] })?;
+        from_bytes(&parts[root], &dims, dtype, tensor.device())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.exchange(&[]).map(|_| ())
+    }
+
+    fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.exchange(data)
+    }
+}

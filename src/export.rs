@@ -1,0 +1,88 @@
+//! Export of a trained student as a folder that Hugging Face `AutoModel` and
+//! sentence-transformers load (and `kdmcse eval` reads): the encoder under its Hugging Face key
+//! names in `model.safetensors`, `config.json`, the tokenizer files, and the sentence-transformers
+//! modules (Transformer + CLS Pooling, cosine similarity).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use candle_core::{Device, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::model::{Config, Pooling};
+use crate::train::parts;
+
+/// The files of the export of `checkpoint` (relative path -> contents).
+pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> {
+    let config_json = checkpoint.part(parts::ENCODER_CONFIG)?;
+    let config: Config = serde_json::from_slice(config_json)
+        .with_context(|| format!("checkpoint {}: unreadable {}", checkpoint.name, parts::ENCODER_CONFIG))?;
+    let weights = candle_core::safetensors::load_buffer(checkpoint.part(parts::MODEL)?, &Device::Cpu)?;
+    let mut encoder: BTreeMap<String, Tensor> = weights
+        .into_iter()
+        .filter_map(|(k, t)| k.strip_prefix(parts::ENCODER_PREFIX).map(|k| (k.to_owned(), t)))
+        .collect();
+    if let Some(pooler) = checkpoint.parts.get(parts::POOLER) {
+        encoder.extend(candle_core::safetensors::load_buffer(pooler, &Device::Cpu)?);
+    }
+    let mut files = BTreeMap::new();
+    files.insert("model.safetensors".to_owned(), Bytes::from(safetensors::serialize(&encoder, None)?));
+    files.insert("config.json".to_owned(), config_json.clone());
+    for (name, data) in &checkpoint.parts {
+        if let Some(file) = name.strip_prefix(parts::TOKENIZER_PREFIX) {
+            files.insert(file.to_owned(), data.clone());
+        }
+    }
+    let json = |v: serde_json::Value| Bytes::from(serde_json::to_vec_pretty(&v).expect("JSON serialises"));
+    files.insert(
+        "modules.json".to_owned(),
+        json(serde_json::json!([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
+        ])),
+    );
+    // No truncation beyond the position table, as `kdmcse eval` and `kdmcse encode` do.
+    files.insert(
+        "sentence_bert_config.json".to_owned(),
+        json(serde_json::json!({"max_seq_length": config.max_tokens(), "do_lower_case": false})),
+    );
+    files.insert("1_Pooling/config.json".to_owned(), json(pooling_config(config.hidden_size, Pooling::Cls)));
+    files.insert(
+        "config_sentence_transformers.json".to_owned(),
+        json(serde_json::json!({
+            "model_type": "SentenceTransformer",
+            "__version__": {"sentence_transformers": "5.1.0", "transformers": "4.56.0", "pytorch": "2.8.0"},
+            "prompts": {},
+            "default_prompt_name": null,
+            "similarity_fn_name": "cosine"
+        })),
+    );
+    Ok(files)
+}
+
+fn pooling_config(dim: usize, pooling: Pooling) -> serde_json::Value {
+    serde_json::json!({
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": pooling == Pooling::Cls,
+        "pooling_mode_mean_tokens": pooling == Pooling::Avg,
+        "pooling_mode_max_tokens": false,
+        "pooling_mode_mean_sqrt_len_tokens": false,
+        "pooling_mode_weightedmean_tokens": false,
+        "pooling_mode_lasttoken": false,
+        "include_prompt": true
+    })
+}
+
+/// Writes `files` under the local folder `out`.
+pub fn write_dir(files: &BTreeMap<String, Bytes>, out: &Path) -> Result<()> {
+    for (rel, data) in files {
+        let path = out.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::write(&path, data).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! Data-parallel training through `kdmcse-launch` with real worker processes on loopback:
+//! 2 ranks x B equal 1 rank x 2B (losses and weights), two single-worker "nodes" equal
+//! `--nproc 2`, a killed worker is restarted and the run ends where an uninterrupted one does,
+//! and rendezvous failures name the missing rank.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+fn kdmcse_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kdmcse"))
+}
+
+/// The launcher is the workspace's other binary, built beside `kdmcse`.
+fn launcher_bin() -> PathBuf {
+    let path = kdmcse_bin().with_file_name("kdmcse-launch");
+    assert!(path.is_file(), "{} not built: run the tests with --workspace", path.display());
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// KDMCSE with margins, the cosine filter, dropout on; a paired batch every 2nd step; the
+/// reference learning rate.
+fn write_config(dir: &Path, batch_size: usize, steps: usize) -> PathBuf {
+    let shared = common::shared_dir().join("data");
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+max_len = 16
+[data]
+text = ["{shared}/wiki/wiki_sample_10k.txt"]
+paired = "{shared}/teacher"
+paired_every = 2
+eval = "{shared}"
+[loss]
+objective = "kdmcse"
+filter = "cosine"
+filter_threshold = 0.45
+[train]
+batch_size = {batch_size}
+max_steps = {steps}
+eval_steps = 0
+lr = 3e-5
+[output]
+dir = "{out}"
+checkpoint_steps = 2
+keep = 3
+"#,
+        model = common::minilm_dir().display(),
+        shared = shared.display(),
+        out = dir.join("out").display(),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn launcher(args: &[&str]) -> Command {
+    let mut cmd = Command::new(launcher_bin());
+    cmd.args(args).env("KDMCSE_BIN", kdmcse_bin()).env("RUST_BACKTRACE", "0").env("KDMCSE_TIMEOUT", "60");
+    cmd
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "failed ({:?}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+fn final_weights(run: &Path) -> Vec<(String, Tensor)> {
+    let latest = std::fs::read_to_string(run.join("out/latest")).unwrap();
+    let path = run.join("out/checkpoints").join(latest.trim()).join("model.safetensors");
+    let mut w: Vec<_> = candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn max_weight_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((n, x), (m, y))| {
+            assert_eq!(n, m);
+            common::max_abs_diff(x, y)
+        })
+        .fold(0.0, f64::max)
+}
+
+const STEPS: usize = 20;
+
+#[test]
+fn two_ranks_train_the_model_of_one_rank_with_twice_the_batch() {
+    let (single, double, nodes) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = write_config(single.path(), 16, STEPS);
+    let out = Command::new(kdmcse_bin()).args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert_ok(&out);
+
+    let cfg = write_config(double.path(), 8, STEPS);
+    let port = free_port().to_string();
+    let out = launcher(&["--nproc", "2", "--master-port", &port, "--", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("[rank 1]"), "worker output is prefixed with its rank");
+
+    let (a, b) = (losses(single.path()), losses(double.path()));
+    assert_eq!(a.len(), STEPS);
+    assert_eq!(b.len(), STEPS);
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-5, "step {}: loss {x} (1 x 16) vs {y} (2 x 8)", step + 1);
+    }
+    let diff = max_weight_diff(&final_weights(single.path()), &final_weights(double.path()));
+    assert!(diff < 1e-5, "weights after {STEPS} steps differ by {diff}");
+
+    // Two launchers as two nodes of one worker each, on loopback.
+    let cfg = write_config(nodes.path(), 8, STEPS);
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        launcher(&[
+            "--nproc",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (n0, n1) = (node("0"), node("1"));
+    assert_ok(&n0.wait_with_output().unwrap());
+    assert_ok(&n1.wait_with_output().unwrap());
+    assert_eq!(losses(nodes.path()), b, "two nodes log the losses of --nproc 2");
+    assert_eq!(max_weight_diff(&final_weights(nodes.path()), &final_weights(double.path())), 0.0);
+}
+
+/// Reads the launcher's stderr until `pred` matches a line; returns the line.
+fn wait_for_line(
+    lines: &mut impl Iterator<Item = String>,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    for line in lines.by_ref() {
+        if pred(&line) {
+            return line;
+        }
+    }
+    panic!("launcher output ended before {what}");
+}
+
+#[test]
+fn a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted() {
+    let (straight, faulty) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 10;
+    let cfg = write_config(straight.path(), 8, steps);
+    let port = free_port().to_string();
+    assert_ok(
+        &launcher(&["--nproc", "2", "--master-port", &port, "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+
+    let cfg = write_config(faulty.path(), 8, steps);
+    let port = free_port().to_string();
+    let mut child: Child = launcher(&[
+        "--nproc",
+        "2",
+        "--max-restarts",
+        "1",
+        "--master-port",
+        &port,
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let joined = wait_for_line(&mut lines, "rank 1 joining", |l| {
+        l.starts_with("[rank 1]") && l.contains("joined the job")
+    });
+    let pid: i32 =
+        joined.split("pid=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    wait_for_line(&mut lines, "the step-4 checkpoint", |l| {
+        l.contains("checkpoint saved") && l.contains("step-00000004")
+    });
+    // SAFETY: signalling a worker process this test started (through the launcher).
+    assert_eq!(unsafe { libc_kill(pid, 9) }, 0);
+    let rest: Vec<String> = lines.collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "launcher failed after the restart:\n{}", rest.join("\n"));
+    assert!(rest.iter().any(|l| l.contains("restarting the group")), "{}", rest.join("\n"));
+    assert!(rest.iter().any(|l| l.contains("resumed")), "the restarted group resumes from a checkpoint");
+    assert_eq!(max_weight_diff(&final_weights(straight.path()), &final_weights(faulty.path())), 0.0);
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(needle))
+        .count()
+}
+
+#[test]
+fn rendezvous_failures_name_the_missing_rank_and_leave_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), 8, 4);
+    let port = free_port().to_string();
+    // Node 0 of two; node 1 never comes.
+    let start = Instant::now();
+    let out = launcher(&[
+        "--nproc",
+        "1",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--master-port",
+        &port,
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+    .env("KDMCSE_TIMEOUT", "5")
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank(s) [1] never arrived"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert_eq!(processes_mentioning(cfg.to_str().unwrap()), 0, "a worker outlived its launcher");
+
+    // A worker whose master is not there.
+    let out = Command::new(kdmcse_bin())
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .envs([
+            ("WORLD_SIZE", "2"),
+            ("RANK", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", &free_port().to_string()),
+            ("KDMCSE_TIMEOUT", "3"),
+            ("RUST_BACKTRACE", "0"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank 1: cannot join the job") && err.contains("cannot reach the master"), "{err}");
+}

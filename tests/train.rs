@@ -1,0 +1,231 @@
+//! `kdmcse train` and `kdmcse export` end to end, through the binary users run, on MiniLM and the
+//! shared data with a small batch: determinism, stop-and-resume, export, and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+
+fn kdmcse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kdmcse"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run kdmcse")
+}
+
+/// A config for a few quick KDMCSE steps (margins, cosine filter, a paired batch every 2nd step).
+fn write_config(dir: &Path, overrides: &str) -> PathBuf {
+    let shared = common::shared_dir().join("data");
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+max_len = 16
+[data]
+text = ["{shared}/wiki/wiki_sample_10k.txt"]
+paired = "{shared}/teacher"
+paired_every = 2
+eval = "{shared}"
+[loss]
+objective = "kdmcse"
+filter = "cosine"
+filter_threshold = 0.45
+[train]
+batch_size = 8
+max_steps = 6
+eval_steps = 0
+lr = 1e-4
+[output]
+dir = "{out}"
+checkpoint_steps = 2
+keep = 2
+{overrides}
+"#,
+        model = common::minilm_dir().display(),
+        shared = shared.display(),
+        out = dir.join("out").display(),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn train(config: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    kdmcse(&args)
+}
+
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "kdmcse failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn assert_fails_with(out: &Output, needles: &[&str]) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in needles {
+        assert!(err.contains(needle), "error should mention {needle:?}:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "a panic is not an error message:\n{err}");
+}
+
+/// The trained tensors of a run's newest checkpoint.
+fn final_weights(run: &Path) -> Vec<(String, Tensor)> {
+    let latest = std::fs::read_to_string(run.join("out/latest")).unwrap();
+    let path = run.join("out/checkpoints").join(latest.trim()).join("model.safetensors");
+    let mut weights: Vec<_> =
+        candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().collect();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    weights
+}
+
+fn assert_same_weights(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        let (x, y) = (
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(x == y, "{name} differs");
+    }
+}
+
+#[test]
+fn same_seed_same_weights_and_resume_equals_uninterrupted() {
+    let (a, b, c) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [&a, &b] {
+        assert_ok(&train(&write_config(dir.path(), ""), &[]));
+    }
+    let straight = final_weights(a.path());
+    assert_same_weights(&straight, &final_weights(b.path()));
+    // Stop after 3 of 6 steps (as a pre-empted job), then resume from the newest checkpoint.
+    let config = write_config(c.path(), "");
+    assert_ok(&train(&config, &["--stop-after", "3"]));
+    assert_eq!(std::fs::read_to_string(c.path().join("out/latest")).unwrap().trim(), "step-00000003");
+    assert_ok(&train(&config, &["--resume", "auto"]));
+    assert_same_weights(&straight, &final_weights(c.path()));
+    // The untrained student would differ: training did change the weights.
+    let metrics = std::fs::read_to_string(a.path().join("out/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"kind\":\"paired\"")).count(), 3);
+}
+
+#[test]
+fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
+    let run = tempfile::tempdir().unwrap();
+    assert_ok(&train(&write_config(run.path(), ""), &["--set", "train.max_steps=2"]));
+    let out = run.path().join("export");
+    let exported = kdmcse(&[
+        "export",
+        "--checkpoint",
+        run.path().join("out").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_ok(&exported);
+    // Same tensor names and shapes as the Hugging Face checkpoint the student came from.
+    let base =
+        candle_core::safetensors::load(common::minilm_dir().join("model.safetensors"), &Device::Cpu).unwrap();
+    let ours = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut base_keys: Vec<_> = base.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+    let mut our_keys: Vec<_> = ours.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+    base_keys.sort();
+    our_keys.sort();
+    assert_eq!(our_keys, base_keys);
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let pooling: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("1_Pooling/config.json")).unwrap()).unwrap();
+    assert_eq!(pooling["pooling_mode_cls_token"], true);
+    // The export's encoder is the trained one: kdmcse reads it, and it differs from the base.
+    let diff = common::max_abs_diff(
+        &ours["encoder.layer.0.attention.self.query.weight"],
+        &base["encoder.layer.0.attention.self.query.weight"],
+    );
+    assert!(diff > 0.0, "export carries untrained weights");
+    let auto_export = run.path().join("out/best-model/model.safetensors");
+    assert!(auto_export.is_file(), "the run exports its best checkpoint");
+    let eval = kdmcse(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        common::shared_dir().join("data").to_str().unwrap(),
+        "--tasks",
+        "STS16",
+        "--json",
+    ]);
+    assert_ok(&eval);
+}
+
+#[test]
+fn bad_config_and_data_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    assert_fails_with(&train(&config, &["--set", "train.bogus=1"]), &["bogus"]);
+    assert_fails_with(&train(&config, &["--set", "loss.objective=mcse"]), &["mcse"]);
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let set = format!("data.text=[\"{}\"]", empty.display());
+    assert_fails_with(&train(&config, &["--set", &set]), &[empty.to_str().unwrap(), "no sentences"]);
+
+    // A teacher folder whose captions.txt has a row fewer than its features.
+    let teacher = dir.path().join("teacher");
+    std::fs::create_dir_all(&teacher).unwrap();
+    let src = common::shared_dir().join("data/teacher");
+    std::fs::copy(src.join("teacher.safetensors"), teacher.join("teacher.safetensors")).unwrap();
+    std::fs::copy(src.join("images.txt"), teacher.join("images.txt")).unwrap();
+    let captions = std::fs::read_to_string(src.join("captions.txt")).unwrap();
+    let short: Vec<&str> = captions.lines().skip(1).collect();
+    std::fs::write(teacher.join("captions.txt"), short.join("\n") + "\n").unwrap();
+    let set = format!("data.paired=\"{}\"", teacher.display());
+    assert_fails_with(&train(&config, &["--set", &set]), &["captions.txt", "25013 lines", "25014"]);
+
+    // NaN in the image features: the error names the row.
+    let mut tensors = candle_core::safetensors::load(src.join("teacher.safetensors"), &Device::Cpu).unwrap();
+    let img = tensors["image_features"].to_dtype(candle_core::DType::F32).unwrap();
+    let mut rows = img.to_vec2::<f32>().unwrap();
+    rows[17][3] = f32::NAN;
+    let bad = Tensor::new(rows, &Device::Cpu).unwrap().to_dtype(candle_core::DType::F16).unwrap();
+    tensors.insert("image_features".into(), bad);
+    candle_core::safetensors::save(&tensors, teacher.join("teacher.safetensors")).unwrap();
+    std::fs::copy(src.join("captions.txt"), teacher.join("captions.txt")).unwrap();
+    assert_fails_with(&train(&config, &["--set", &set]), &["image_features row 17", "NaN"]);
+}
+
+#[test]
+fn resuming_a_checkpoint_of_another_architecture_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    assert_ok(&train(&config, &["--set", "train.max_steps=1"]));
+    // The same run folder, now with a model of another shape (MiniLM with 3 layers).
+    let other = dir.path().join("other-model");
+    std::fs::create_dir_all(&other).unwrap();
+    for entry in std::fs::read_dir(common::minilm_dir()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), other.join(entry.file_name())).unwrap();
+        }
+    }
+    let cfg = other.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 3");
+    std::fs::write(&cfg, text).unwrap();
+    let set = format!("model.path=\"{}\"", other.display());
+    assert_fails_with(
+        &train(&config, &["--set", &set, "--set", "train.max_steps=2"]),
+        &["step-00000001", "another architecture"],
+    );
+}
