@@ -22,6 +22,10 @@ use sha2::{Digest, Sha256};
 /// Parts above this size go up as multipart uploads.
 const MULTIPART_THRESHOLD: usize = 32 << 20;
 const MULTIPART_CHUNK: usize = 16 << 20;
+/// Attempts of a whole object write (each also retried inside `object_store` on transient
+/// errors), with exponential backoff from `RETRY_BACKOFF` between them.
+const WRITE_ATTEMPTS: u32 = 4;
+const RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One part of a checkpoint as listed in its manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,19 +75,40 @@ impl CheckpointStore {
     /// standard `AWS_*` variables, `file:///abs/path`, `gs://`, `az://`), or a plain path
     /// (created if missing).
     pub fn open(location: &str) -> Result<Self> {
+        Self::open_with_options(location, &[])
+    }
+
+    /// [`Self::open`] with store options (`object_store` config keys such as
+    /// `aws_endpoint_url`) that take precedence over the environment.
+    pub fn open_with_options(location: &str, options: &[(&str, &str)]) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (store, root): (Arc<dyn ObjectStore>, StorePath) = if location.contains("://") {
             let url = url_parse(location)?;
             let (store, root) = if url.scheme() == "s3" {
-                let store = object_store::aws::AmazonS3Builder::from_env()
+                let retry = object_store::RetryConfig {
+                    max_retries: 4,
+                    retry_timeout: std::time::Duration::from_secs(30),
+                    backoff: object_store::BackoffConfig {
+                        init_backoff: std::time::Duration::from_millis(200),
+                        max_backoff: std::time::Duration::from_secs(4),
+                        base: 2.0,
+                    },
+                };
+                let mut builder = object_store::aws::AmazonS3Builder::from_env();
+                for (key, value) in options {
+                    let key = key.parse().with_context(|| format!("unknown S3 option {key}"))?;
+                    builder = builder.with_config(key, *value);
+                }
+                let store = builder
                     .with_url(location)
+                    .with_retry(retry)
                     .build()
                     .with_context(|| format!("cannot open {location}"))?;
                 (Box::new(store) as Box<dyn ObjectStore>, StorePath::from_url_path(url.path())?)
             } else {
-                let options: Vec<(String, String)> = std::env::vars().collect();
-                object_store::parse_url_opts(&url, options)
-                    .with_context(|| format!("cannot open {location}"))?
+                let mut all: Vec<(String, String)> = std::env::vars().collect();
+                all.extend(options.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+                object_store::parse_url_opts(&url, all).with_context(|| format!("cannot open {location}"))?
             };
             (Arc::from(store), root)
         } else {
@@ -103,7 +128,26 @@ impl CheckpointStore {
         rel.split('/').fold(self.root.clone(), |p, part| p.child(part))
     }
 
+    /// Writes one object, retrying the whole write with backoff on failure.
     fn put(&self, rel: &str, data: Bytes) -> Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.put_once(rel, data.clone()) {
+                Ok(()) => return Ok(()),
+                Err(err) if attempt < WRITE_ATTEMPTS => {
+                    let wait = RETRY_BACKOFF * 2u32.pow(attempt - 1);
+                    tracing::warn!(
+                        "attempt {attempt}/{WRITE_ATTEMPTS} failed, retrying in {wait:?}: {err:#}"
+                    );
+                    std::thread::sleep(wait);
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn put_once(&self, rel: &str, data: Bytes) -> Result<()> {
         let path = self.path(rel);
         self.runtime
             .block_on(async {
@@ -135,6 +179,8 @@ impl CheckpointStore {
     /// Writes checkpoint `step` (parts, then manifest, then `latest`); returns its name.
     pub fn save(&self, step: u64, parts: &BTreeMap<String, Bytes>) -> Result<String> {
         let name = checkpoint_name(step);
+        let bytes: usize = parts.values().map(Bytes::len).sum();
+        tracing::info!(checkpoint = %name, bytes, to = %self.url, "writing checkpoint");
         let mut manifest = Manifest { step, parts: BTreeMap::new() };
         for (part, data) in parts {
             self.put(&format!("checkpoints/{name}/{part}"), data.clone())?;

