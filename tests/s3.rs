@@ -5,66 +5,18 @@
 
 mod common;
 
+use common::s3::{free_port, open_store, s3_env, S3Server, BUCKET};
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use kdmcse::checkpoint::CheckpointStore;
-
-const BUCKET: &str = "kdmcse-test";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// An s3s-fs process serving a temporary folder; killed on drop.
-struct S3Server {
-    child: Child,
-    port: u16,
-    _root: tempfile::TempDir,
-}
-
-impl S3Server {
-    fn start() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join(BUCKET)).unwrap(); // a bucket is a folder
-        let port = free_port();
-        let child = Command::new("s3s-fs")
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--access-key",
-                "test",
-                "--secret-key",
-                "testsecret",
-            ])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("s3s-fs not found: run scripts/install-test-deps.sh");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, port, _root: root }
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A TCP forwarder in front of the server whose connections the test can cut.
 struct Proxy {
@@ -118,29 +70,6 @@ impl Proxy {
     fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
     }
-}
-
-fn s3_env(cmd: &mut Command, port: u16) -> &mut Command {
-    cmd.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "testsecret")
-        .env("AWS_REGION", "us-east-1")
-        .env("RUST_BACKTRACE", "0")
-        .env("KDMCSE_TIMEOUT", "120")
-}
-
-/// The test's own view of the bucket (the same settings as the child processes' environment).
-fn open_store(url: &str, port: u16) -> CheckpointStore {
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let options = [
-        ("aws_endpoint_url", endpoint.as_str()),
-        ("aws_allow_http", "true"),
-        ("aws_access_key_id", "test"),
-        ("aws_secret_access_key", "testsecret"),
-        ("aws_region", "us-east-1"),
-    ];
-    CheckpointStore::open_with_options(url, &options).unwrap()
 }
 
 fn write_config(dir: &Path, output: &str, steps: usize) -> PathBuf {

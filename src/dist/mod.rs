@@ -29,6 +29,10 @@ pub trait Communicator {
     fn barrier(&self) -> Result<()>;
     /// Every rank's bytes, in rank order (small control messages: states, flags).
     fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// Wall time spent in collectives so far (for the communication share in metrics).
+    fn time_in_collectives(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// One process: every collective is the identity.
@@ -157,13 +161,14 @@ pub fn init_from_env() -> Result<ProcessGroup> {
     let master = std::env::var("MASTER_ADDR").context("WORLD_SIZE > 1 needs MASTER_ADDR")?;
     let port = env_usize("MASTER_PORT")?.context("WORLD_SIZE > 1 needs MASTER_PORT")?;
     let timeout = timeout_from_env()?;
-    let generation = format!("g{}", std::env::var("KDMCSE_RESTART_COUNT").unwrap_or_else(|_| "0".into()));
+    // Rank 0's store lives and dies with its worker group, so keys never outlive an attempt.
+    let generation = "kdmcse";
     let server = if rank == 0 { Some(store::StoreServer::start(&format!("0.0.0.0:{port}"))?) } else { None };
     let master_addr = format!("{master}:{port}");
     let mut client = store::StoreClient::connect(&master_addr, timeout)
         .with_context(|| format!("rank {rank}: cannot join the job"))?;
     let ip = advertise_ip(&master_addr)?;
-    let comm = tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, &generation, timeout)
+    let comm = tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, generation, timeout)
         .with_context(|| format!("rank {rank}: collectives setup failed"))?;
     tracing::info!(rank, world_size, %master_addr, pid = std::process::id(), "joined the job (TCP collectives)");
     Ok(ProcessGroup { comm: Box::new(comm), _store: server })

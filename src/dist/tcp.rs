@@ -8,9 +8,10 @@
 //! then computed locally in rank order, so every rank gets bit-identical results, which keeps
 //! replicated weights identical.
 
+use std::cell::Cell;
 use std::io::{BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -24,6 +25,7 @@ pub struct TcpCommunicator {
     /// `peers[r]`: the connection to rank `r` (`None` for this rank). A collective writes to a
     /// peer from one thread while reading from it on another (`&TcpStream` does both).
     peers: Vec<Option<TcpStream>>,
+    busy: Cell<Duration>,
 }
 
 impl TcpCommunicator {
@@ -70,11 +72,18 @@ impl TcpCommunicator {
             stream.set_nodelay(true)?;
             stream.set_read_timeout(Some(timeout))?;
         }
-        Ok(Self { rank, world_size, peers })
+        Ok(Self { rank, world_size, peers, busy: Cell::new(Duration::ZERO) })
     }
 
     /// Every rank's buffer, in rank order.
     fn exchange(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let started = Instant::now();
+        let result = self.exchange_untimed(data);
+        self.busy.set(self.busy.get() + started.elapsed());
+        result
+    }
+
+    fn exchange_untimed(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let mut out: Vec<Vec<u8>> = vec![Vec::new(); self.world_size];
         std::thread::scope(|scope| -> Result<()> {
             let senders: Vec<_> = self
@@ -182,5 +191,9 @@ impl Communicator for TcpCommunicator {
 
     fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.exchange(data)
+    }
+
+    fn time_in_collectives(&self) -> Duration {
+        self.busy.get()
     }
 }

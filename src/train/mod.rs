@@ -150,6 +150,9 @@ struct StepMetrics {
     grad_norm: f64,
     masked_negatives: usize,
     sentences_per_s: f64,
+    step_s: f64,
+    /// Seconds of the step spent in collectives (gathers, gradient all-reduce).
+    comm_s: f64,
 }
 
 pub struct Trainer<'c> {
@@ -559,6 +562,8 @@ impl<'c> Trainer<'c> {
             grad_norm: 0.0,
             masked_negatives: terms.masked_negatives,
             sentences_per_s: 0.0,
+            step_s: 0.0,
+            comm_s: 0.0,
         };
         Ok((metrics, grads))
     }
@@ -566,6 +571,7 @@ impl<'c> Trainer<'c> {
     /// One optimiser step (all micro-batches, all-reduce, clip, AdamW).
     fn step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
+        let comm_before = self.comm.time_in_collectives();
         let accum = self.cfg.train.grad_accum;
         let mut total: Option<Vec<Option<Tensor>>> = None;
         let mut metrics = Vec::with_capacity(accum);
@@ -594,15 +600,21 @@ impl<'c> Trainer<'c> {
             );
         self.optimizer.step(&grads, lr)?;
         self.state.step += 1;
+        // With accumulation, the mean of the micro-batches' losses (the kind is the first's).
         let n = metrics.len() as f64;
-        let mut out = metrics.swap_remove(0);
-        if accum > 1 {
-            out.loss /= n; // a mean over micro-batches would need all; report the first's kind
-        }
+        let grounding: Vec<f64> = metrics.iter().filter_map(|m| m.loss_grounding).collect();
+        let mut out = metrics[0].clone();
+        out.loss = metrics.iter().map(|m| m.loss).sum::<f64>() / n;
+        out.loss_text = metrics.iter().map(|m| m.loss_text).sum::<f64>() / n;
+        out.loss_grounding =
+            (!grounding.is_empty()).then(|| grounding.iter().sum::<f64>() / grounding.len() as f64);
+        out.masked_negatives = metrics.iter().map(|m| m.masked_negatives).sum();
         out.lr = lr;
         out.grad_norm = grad_norm;
         let sentences = (self.cfg.train.batch_size * accum * self.comm.world_size()) as f64;
-        out.sentences_per_s = sentences / start.elapsed().as_secs_f64();
+        out.step_s = start.elapsed().as_secs_f64();
+        out.sentences_per_s = sentences / out.step_s;
+        out.comm_s = (self.comm.time_in_collectives() - comm_before).as_secs_f64();
         Ok(out)
     }
 

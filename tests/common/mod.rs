@@ -1,6 +1,8 @@
 //! Shared test helpers: where the shared data, golden files and the MiniLM model are.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

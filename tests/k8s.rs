@@ -1,0 +1,228 @@
+//! The Kubernetes manifests: every overlay renders with kustomize and validates against the
+//! Kubernetes API types (a typed round trip that loses no field), and the pod command lines of
+//! the 2-node overlay, run as two local launchers on loopback, train and checkpoint to a real S3
+//! server and recover when node 1 is killed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::s3::{free_port, open_store, s3_env, S3Server, BUCKET};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Service};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+fn render(overlay: &str) -> Vec<serde_json::Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/overlays").join(overlay);
+    let out = Command::new("kubectl").arg("kustomize").arg(&dir).output().expect("kubectl not found");
+    assert!(out.status.success(), "kustomize {overlay}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_json::Value::deserialize(doc).unwrap())
+        .collect()
+}
+
+use serde::Deserialize;
+
+/// Parses `doc` as the API type and checks that serialising it again gives the same document:
+/// an unknown or misplaced field would be dropped, a wrong type would not parse.
+fn validate<T: DeserializeOwned + Serialize>(doc: &serde_json::Value) -> T {
+    let typed: T =
+        serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("invalid {}: {e}", doc["kind"]));
+    let again = serde_json::to_value(&typed).unwrap();
+    assert_eq!(&again, doc, "{} does not round-trip: unknown fields?", doc["kind"]);
+    typed
+}
+
+struct Rendered {
+    job: Job,
+    container: Container,
+    config: ConfigMap,
+}
+
+fn rendered(overlay: &str) -> Rendered {
+    let docs = render(overlay);
+    let (mut job, mut service, mut config) = (None, None, None);
+    for doc in &docs {
+        match doc["kind"].as_str().unwrap() {
+            "Job" => job = Some(validate::<Job>(doc)),
+            "Service" => service = Some(validate::<Service>(doc)),
+            "ConfigMap" => config = Some(validate::<ConfigMap>(doc)),
+            other => panic!("{overlay}: unexpected kind {other}"),
+        }
+    }
+    let (job, service, config) = (job.unwrap(), service.unwrap(), config.unwrap());
+    let spec = job.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+    assert_eq!(service.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("None"), "headless");
+    assert_eq!(pod.subdomain.as_deref(), service.metadata.name.as_deref());
+    let container = pod.containers[0].clone();
+    let args = container.args.clone().unwrap();
+    let master = &args[args.iter().position(|a| a == "--master-addr").unwrap() + 1];
+    let expected =
+        format!("{}-0.{}", job.metadata.name.as_deref().unwrap(), service.metadata.name.as_deref().unwrap());
+    assert_eq!(master, &expected, "the master is pod 0 of the Job");
+    Rendered { job, container, config }
+}
+
+fn env_value(container: &Container, name: &str) -> String {
+    let env = container.env.as_ref().unwrap();
+    env.iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| panic!("no env {name}"))
+}
+
+#[test]
+fn overlays_render_and_validate() {
+    for (overlay, nodes, gpus) in
+        [("1node-8gpu", 1, Some(8)), ("4node-8gpu", 4, Some(8)), ("2node-cpu", 2, None)]
+    {
+        let r = rendered(overlay);
+        let spec = r.job.spec.as_ref().unwrap();
+        assert_eq!(spec.completions, Some(nodes), "{overlay}");
+        assert_eq!(spec.parallelism, Some(nodes), "{overlay}");
+        assert_eq!(env_value(&r.container, "NNODES"), nodes.to_string(), "{overlay}");
+        let limits = r.container.resources.as_ref().unwrap().limits.clone().unwrap_or_default();
+        let args = r.container.args.clone().unwrap();
+        match gpus {
+            Some(g) => {
+                assert_eq!(limits["nvidia.com/gpu"].0, g.to_string(), "{overlay}");
+                assert_eq!(args[0], "--gpus");
+                assert_eq!(env_value(&r.container, "WORKERS_PER_NODE"), g.to_string());
+            }
+            None => {
+                assert!(!limits.contains_key("nvidia.com/gpu"), "{overlay}");
+                assert_eq!(args[0], "--nproc");
+            }
+        }
+        assert!(args.windows(2).any(|w| w == ["--resume", "auto"]), "{overlay}: pods resume");
+        assert!(r.config.data.as_ref().unwrap().contains_key("train.toml"));
+        let policy = spec.pod_failure_policy.as_ref().unwrap();
+        assert!(policy.rules.iter().any(|r| r.action == "Ignore"), "pre-emption is not a failure");
+    }
+}
+
+/// Expands `$(VAR)` as the kubelet does.
+fn expand(arg: &str, env: &HashMap<String, String>) -> String {
+    let mut out = arg.to_owned();
+    for (k, v) in env {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    out
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let shared = common::shared_dir().join("data");
+    let text = format!(
+        "[model]\npath = \"{}\"\nmax_len = 16\n[data]\ntext = [\"{s}/wiki/wiki_sample_10k.txt\"]\npaired = \"{s}/teacher\"\n\
+         paired_every = 2\neval = \"{s}\"\n[loss]\nfilter = \"cosine\"\nfilter_threshold = 0.45\n[train]\nbatch_size = 8\n\
+         max_steps = 8\neval_steps = 0\ndevice = \"cuda\"\n[output]\ndir = \"unused\"\ncheckpoint_steps = 2\nkeep = 2\nmetrics = \"{m}\"\n",
+        common::minilm_dir().display(),
+        s = shared.display(),
+        m = dir.join("metrics.jsonl").display(),
+    );
+    let path = dir.join("train.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// One "pod": the container's command line with the pod's environment, as a local process.
+fn start_pod(
+    r: &Rendered,
+    index: usize,
+    config: &Path,
+    port: u16,
+    s3_port: u16,
+    log: Arc<Mutex<String>>,
+) -> Child {
+    let mut env: HashMap<String, String> = r
+        .container
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+        .collect();
+    env.insert("OUTPUT_DIR".into(), format!("s3://{BUCKET}/k8s-run"));
+    env.insert("KDMCSE_TIMEOUT".into(), "120".into());
+    let args: Vec<String> = r
+        .container
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|a| expand(a, &env))
+        .map(|a| match a.as_str() {
+            "kdmcse-train-0.kdmcse" => "127.0.0.1".to_owned(), // pod 0's DNS name, here
+            "29500" => port.to_string(),
+            "/etc/kdmcse/train.toml" => config.display().to_string(), // the mounted ConfigMap
+            _ => a,
+        })
+        .collect();
+    assert_eq!(r.container.command.as_deref(), Some(&["kdmcse-launch".to_owned()][..]));
+    let launcher = PathBuf::from(env!("CARGO_BIN_EXE_kdmcse")).with_file_name("kdmcse-launch");
+    let mut cmd = Command::new(launcher);
+    s3_env(&mut cmd, s3_port)
+        .args(&args)
+        .envs(&env)
+        .env("JOB_COMPLETION_INDEX", index.to_string())
+        .env("KDMCSE_BIN", env!("CARGO_BIN_EXE_kdmcse"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    child
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn two_node_pod_commands_train_to_s3_and_recover_from_a_lost_node() {
+    let r = rendered("2node-cpu");
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let port = free_port();
+    let (log0, log1) = (Arc::new(Mutex::new(String::new())), Arc::new(Mutex::new(String::new())));
+    let mut node0 = start_pod(&r, 0, &config, port, server.port, log0.clone());
+    let node1 = start_pod(&r, 1, &config, port, server.port, log1.clone());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !log0.lock().unwrap().contains("checkpoint saved checkpoint=step-00000002") {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint:\n{}\n{}",
+            log0.lock().unwrap(),
+            log1.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Node 1's pod dies (its whole process group), and the Job starts a replacement.
+    // SAFETY: signalling the process group this test created.
+    assert_eq!(unsafe { kill(-(node1.id() as i32), 9) }, 0);
+    let log1b = Arc::new(Mutex::new(String::new()));
+    let mut node1b = start_pod(&r, 1, &config, port, server.port, log1b.clone());
+    let (s0, s1) = (node0.wait().unwrap(), node1b.wait().unwrap());
+    let (l0, l1) = (log0.lock().unwrap().clone(), log1b.lock().unwrap().clone());
+    assert!(s0.success() && s1.success(), "node 0 {s0:?}:\n{l0}\nnode 1 {s1:?}:\n{l1}");
+    assert!(l0.contains("restarting the group"), "node 0 restarts its workers:\n{l0}");
+    assert!(l0.contains("resumed") && l1.contains("resumed"), "both resume from the checkpoint:\n{l0}\n{l1}");
+    let store = open_store(&format!("s3://{BUCKET}/k8s-run"), server.port);
+    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000008"));
+    assert_eq!(store.load_newest().unwrap().unwrap().step, 8);
+}
