@@ -201,7 +201,7 @@ fn two_node_pod_commands_train_to_s3_and_recover_from_a_lost_node() {
     let port = free_port();
     let (log0, log1) = (Arc::new(Mutex::new(String::new())), Arc::new(Mutex::new(String::new())));
     let mut node0 = start_pod(&r, 0, &config, port, server.port, log0.clone());
-    let node1 = start_pod(&r, 1, &config, port, server.port, log1.clone());
+    let mut node1 = start_pod(&r, 1, &config, port, server.port, log1.clone());
     let deadline = Instant::now() + Duration::from_secs(300);
     while !log0.lock().unwrap().contains("checkpoint saved checkpoint=step-00000002") {
         assert!(
@@ -215,6 +215,7 @@ fn two_node_pod_commands_train_to_s3_and_recover_from_a_lost_node() {
     // Node 1's pod dies (its whole process group), and the Job starts a replacement.
     // SAFETY: signalling the process group this test created.
     assert_eq!(unsafe { kill(-(node1.id() as i32), 9) }, 0);
+    let _ = node1.wait();
     let log1b = Arc::new(Mutex::new(String::new()));
     let mut node1b = start_pod(&r, 1, &config, port, server.port, log1b.clone());
     let (s0, s1) = (node0.wait().unwrap(), node1b.wait().unwrap());
