@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 use kdmcse::checkpoint::CheckpointStore;
 use kdmcse::embed::SentenceEncoder;
@@ -32,6 +32,30 @@ enum Command {
     Train(TrainArgs),
     /// Writes a checkpoint as a Hugging Face / sentence-transformers model folder.
     Export(ExportArgs),
+    /// Teacher features from a CLIP model for captions and their images, in the interchange
+    /// format that training reads (data.paired).
+    Precompute(PrecomputeArgs),
+}
+
+#[derive(Args)]
+struct PrecomputeArgs {
+    /// A Hugging Face CLIPModel folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    clip: PathBuf,
+    /// COCO-style captions JSON (`images`, `annotations`), or a text file of
+    /// `IMAGE_FILE<TAB>CAPTION` lines.
+    #[arg(long)]
+    captions: PathBuf,
+    /// The folder of the image files.
+    #[arg(long)]
+    images: PathBuf,
+    /// The output folder (teacher.safetensors, captions.txt, images.txt).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -122,6 +146,7 @@ fn main() {
         Command::Encode(args) => run_encode(args),
         Command::Train(args) => run_train(args),
         Command::Export(args) => run_export(args),
+        Command::Precompute(args) => run_precompute(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
@@ -236,5 +261,119 @@ fn run_export(args: ExportArgs) -> Result<()> {
     let files = kdmcse::export::export_files(&checkpoint)?;
     kdmcse::export::write_dir(&files, &args.out)?;
     tracing::info!(checkpoint = %checkpoint.name, out = %args.out.display(), "exported");
+    Ok(())
+}
+
+/// Captions grouped by image: (image name, image file, captions).
+type CaptionedImages = Vec<(String, PathBuf, Vec<String>)>;
+
+/// Reads a COCO captions JSON (images in id order, captions in annotation order) keeping the
+/// images present in `images`, or `FILE<TAB>CAPTION` lines (every image must exist).
+fn read_captions(path: &std::path::Path, images: &std::path::Path) -> Result<CaptionedImages> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "json") {
+        #[derive(serde::Deserialize)]
+        struct Image {
+            id: u64,
+            file_name: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Annotation {
+            id: u64,
+            image_id: u64,
+            caption: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Coco {
+            images: Vec<Image>,
+            annotations: Vec<Annotation>,
+        }
+        let mut coco: Coco = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a COCO captions file", path.display()))?;
+        coco.images.sort_by_key(|i| i.id);
+        coco.annotations.sort_by_key(|a| a.id);
+        let mut out: CaptionedImages = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        let mut absent = 0;
+        for image in &coco.images {
+            let file = images.join(&image.file_name);
+            if file.is_file() {
+                index.insert(image.id, out.len());
+                out.push((image.id.to_string(), file, Vec::new()));
+            } else {
+                absent += 1;
+            }
+        }
+        for a in coco.annotations {
+            if let Some(&i) = index.get(&a.image_id) {
+                out[i].2.push(a.caption);
+            }
+        }
+        if absent > 0 {
+            tracing::warn!(absent, present = out.len(), folder = %images.display(), "images of the captions file not in the folder are left out");
+        }
+        out.retain(|(_, _, captions)| !captions.is_empty());
+        Ok(out)
+    } else {
+        let mut out: CaptionedImages = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let (file, caption) = line
+                .split_once('\t')
+                .with_context(|| format!("{}:{}: expected IMAGE_FILE<TAB>CAPTION", path.display(), n + 1))?;
+            let i = *index.entry(file.to_owned()).or_insert_with(|| {
+                out.push((file.to_owned(), images.join(file), Vec::new()));
+                out.len() - 1
+            });
+            if !out[i].1.is_file() {
+                bail!("{}:{}: image {} not found", path.display(), n + 1, out[i].1.display());
+            }
+            out[i].2.push(caption.to_owned());
+        }
+        Ok(out)
+    }
+}
+
+fn run_precompute(args: PrecomputeArgs) -> Result<()> {
+    let device = device(&args.device)?;
+    let teacher = kdmcse::model::clip::ClipTeacher::load(&args.clip, &device)?;
+    let grouped = read_captions(&args.captions, &args.images)?;
+    if grouped.is_empty() {
+        bail!("no captioned images: {} against {}", args.captions.display(), args.images.display());
+    }
+    let image_names: Vec<String> = grouped.iter().map(|(n, _, _)| n.clone()).collect();
+    let image_files: Vec<&std::path::Path> = grouped.iter().map(|(_, f, _)| f.as_path()).collect();
+    let (captions, caption_image): (Vec<String>, Vec<u32>) = grouped
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, _, cs))| cs.iter().map(move |c| (c.clone(), i as u32)))
+        .unzip();
+    let batch = args.batch_size.max(1);
+    let bar = progress(image_files.len() + captions.len(), "precompute");
+    let mut image_features = Vec::new();
+    for chunk in image_files.chunks(batch) {
+        image_features.push(teacher.embed_images(chunk)?);
+        bar.inc(chunk.len() as u64);
+    }
+    let caption_refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let mut caption_features = Vec::new();
+    for chunk in caption_refs.chunks(batch) {
+        caption_features.push(teacher.embed_texts(chunk)?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let to_cpu =
+        |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?.to_device(&Device::Cpu)?) };
+    let dim = teacher.projection_dim.to_string();
+    kdmcse::data::corpus::write_paired(
+        &args.out,
+        &captions,
+        &to_cpu(caption_features)?,
+        &image_names,
+        &to_cpu(image_features)?,
+        &caption_image,
+        &[("teacher", args.clip.display().to_string()), ("kind", "clip".into()), ("dim", dim)],
+    )?;
+    tracing::info!(images = image_names.len(), captions = captions.len(), out = %args.out.display(), "teacher features written");
     Ok(())
 }

@@ -173,3 +173,34 @@ impl PairedCorpus {
         })
     }
 }
+
+/// Writes a paired corpus in the teacher interchange format (the layout [`PairedCorpus::load`]
+/// reads): features stored as f16, captions with whitespace runs collapsed.
+pub fn write_paired(
+    dir: &Path,
+    captions: &[String],
+    caption_features: &Tensor,
+    image_names: &[String],
+    image_features: &Tensor,
+    caption_image: &[u32],
+    metadata: &[(&str, String)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors = [
+        ("image_features", image_features.to_dtype(DType::F16)?),
+        ("caption_features", caption_features.to_dtype(DType::F16)?),
+        (
+            "caption_image",
+            Tensor::new(caption_image.iter().map(|&i| i as i64).collect::<Vec<_>>(), &Device::Cpu)?,
+        ),
+    ];
+    let metadata = metadata.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let path = dir.join("teacher.safetensors");
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (*k, t)), Some(metadata))?;
+    std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    let collapse = |s: &String| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let lines = |items: &[String]| items.iter().map(collapse).collect::<Vec<_>>().join("\n") + "\n";
+    std::fs::write(dir.join("captions.txt"), lines(captions))?;
+    std::fs::write(dir.join("images.txt"), lines(image_names))?;
+    Ok(())
+}

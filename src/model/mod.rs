@@ -1,7 +1,8 @@
-//! The student encoder (BERT/RoBERTa), its heads, dropout and fused ops, and loading a Hugging
-//! Face model folder (`config.json`, `model.safetensors` or `pytorch_model.bin`).
+//! The student encoder (BERT/RoBERTa), its heads, dropout and fused ops, the CLIP teacher, and
+//! loading a Hugging Face model folder (`config.json`, `model.safetensors` or `pytorch_model.bin`).
 
 pub mod bert;
+pub mod clip;
 pub mod dropout;
 pub mod heads;
 pub mod ops;
