@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -18,8 +19,9 @@ pub struct AdamWConfig {
 struct Slot {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    /// First and second moments; `Var`s so the CPU path can update them in place.
+    m: Var,
+    v: Var,
     steps: u64,
     decay: bool,
 }
@@ -37,7 +39,8 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let decay = !(name.ends_with("bias") || name.contains("LayerNorm"));
-                Ok(Slot { m: var.zeros_like()?, v: var.zeros_like()?, steps: 0, decay, name, var })
+                let zeros = || Var::zeros(var.shape(), var.dtype(), var.device());
+                Ok(Slot { m: zeros()?, v: zeros()?, steps: 0, decay, name, var })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { slots, config })
@@ -55,16 +58,28 @@ impl AdamW {
             let Some(g) = grad else { continue };
             slot.steps += 1;
             let t = slot.steps as i32;
-            slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?;
-            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-            let denom = ((&slot.v / bc2)?.sqrt()? + self.config.eps)?;
-            let update = ((&slot.m / denom)? * (lr / bc1))?;
-            let mut param = slot.var.as_tensor().detach();
-            if slot.decay && self.config.weight_decay > 0.0 {
-                param = (&param * (1.0 - lr * self.config.weight_decay))?;
+            let decay = if slot.decay { 1.0 - lr * self.config.weight_decay } else { 1.0 };
+            let update = AdamUpdate {
+                step_size: lr / (1.0 - b1.powi(t)),
+                bias_correction2: 1.0 - b2.powi(t),
+                eps: self.config.eps,
+                decay,
+            };
+            let fused = slot.var.device().is_cpu() && slot.var.dtype() == DType::F32;
+            if fused {
+                // Three passes over memory, no temporaries.
+                let g = g.contiguous()?;
+                slot.m.as_tensor().inplace_op2(&g, &Lerp { keep: b1, square: false })?;
+                slot.v.as_tensor().inplace_op2(&g, &Lerp { keep: b2, square: true })?;
+                slot.var.as_tensor().inplace_op3(slot.m.as_tensor(), slot.v.as_tensor(), &update)?;
+            } else {
+                slot.m.set(&((slot.m.as_tensor() * b1)? + (g * (1.0 - b1))?)?)?;
+                slot.v.set(&((slot.v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?)?;
+                let denom = ((slot.v.as_tensor() / update.bias_correction2)?.sqrt()? + update.eps)?;
+                let step = ((slot.m.as_tensor() / denom)? * update.step_size)?;
+                let param = (slot.var.as_tensor().detach() * update.decay)?;
+                slot.var.set(&(param - step)?)?;
             }
-            slot.var.set(&(param - update)?)?;
         }
         Ok(())
     }
@@ -73,8 +88,8 @@ impl AdamW {
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for s in &self.slots {
-            out.insert(format!("m.{}", s.name), s.m.clone());
-            out.insert(format!("v.{}", s.name), s.v.clone());
+            out.insert(format!("m.{}", s.name), s.m.as_tensor().clone());
+            out.insert(format!("v.{}", s.name), s.v.as_tensor().clone());
             out.insert(format!("steps.{}", s.name), Tensor::new(&[s.steps as i64], s.m.device())?);
         }
         Ok(out)
@@ -97,10 +112,94 @@ impl AdamW {
                     s.var.dims()
                 );
             }
-            s.m = m.to_device(s.var.device())?.to_dtype(s.var.dtype())?;
-            s.v = v.to_device(s.var.device())?.to_dtype(s.var.dtype())?;
+            s.m.set(&m.to_device(s.var.device())?.to_dtype(s.var.dtype())?)?;
+            s.v.set(&v.to_device(s.var.device())?.to_dtype(s.var.dtype())?)?;
             s.steps = get("steps")?.to_dtype(DType::I64)?.flatten_all()?.get(0)?.to_scalar::<i64>()? as u64;
         }
+        Ok(())
+    }
+}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("adamw: expected contiguous f32"),
+    }
+}
+
+fn contiguous_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("adamw: expected contiguous f32"),
+    }
+}
+
+const CHUNK: usize = 1 << 14;
+
+/// `x = keep * x + (1 - keep) * g` (or `g^2`), in place: a moment update.
+struct Lerp {
+    keep: f64,
+    square: bool,
+}
+
+impl InplaceOp2 for Lerp {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (x, g) = (contiguous_f32_mut(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (keep, take) = (self.keep as f32, (1.0 - self.keep) as f32);
+        let square = self.square;
+        x.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(x, g)| {
+            for (x, &g) in x.iter_mut().zip(g) {
+                *x = keep * *x + take * if square { g * g } else { g };
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `p = decay * p - step_size * m / (sqrt(v / bias_correction2) + eps)`, in place.
+#[derive(Debug, Clone, Copy)]
+struct AdamUpdate {
+    step_size: f64,
+    bias_correction2: f64,
+    eps: f64,
+    decay: f64,
+}
+
+impl InplaceOp3 for AdamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (p, m, v) = (contiguous_f32_mut(s1, l1)?, contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
+        let (step, bc2, eps, decay) =
+            (self.step_size as f32, self.bias_correction2 as f32, self.eps as f32, self.decay as f32);
+        p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
+            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                *p = decay * *p - step * m / ((v / bc2).sqrt() + eps);
+            }
+        });
         Ok(())
     }
 }
@@ -143,9 +242,17 @@ mod tests {
 
     /// Two steps of torch.optim.AdamW(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     /// on p = [1, -2] with gradients [0.5, 0.25] then [-1, 2], worked by hand.
+    /// Both paths: f64 runs the tensor-op path, f32 on CPU the fused in-place kernels.
     #[test]
     fn adamw_matches_the_torch_update() {
-        let var = Var::new(&[1f64, -2.0], &Device::Cpu).unwrap();
+        adamw_case(DType::F64, 1e-12);
+        adamw_case(DType::F32, 1e-6);
+    }
+
+    fn adamw_case(dtype: DType, tol: f64) {
+        let var =
+            Var::from_tensor(&Tensor::new(&[1f64, -2.0], &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+                .unwrap();
         let mut opt = AdamW::new(
             vec![("w".into(), var.clone())],
             AdamWConfig { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01 },
@@ -154,7 +261,7 @@ mod tests {
         let mut p = [1f64, -2.0];
         let (mut m, mut v) = ([0f64; 2], [0f64; 2]);
         for (t, g) in [[0.5, 0.25], [-1.0, 2.0]].iter().enumerate() {
-            let grad = Tensor::new(&g[..], &Device::Cpu).unwrap();
+            let grad = Tensor::new(&g[..], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             opt.step(&[Some(grad)], 0.1).unwrap();
             for i in 0..2 {
                 p[i] *= 1.0 - 0.1 * 0.01;
@@ -165,9 +272,9 @@ mod tests {
                 p[i] -= 0.1 * mh / (vh.sqrt() + 1e-8);
             }
         }
-        let ours = var.as_tensor().to_vec1::<f64>().unwrap();
+        let ours = var.as_tensor().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
         for i in 0..2 {
-            assert!((ours[i] - p[i]).abs() < 1e-12, "{ours:?} vs {p:?}");
+            assert!((ours[i] - p[i]).abs() < tol, "{dtype:?}: {ours:?} vs {p:?}");
         }
     }
 
