@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 fn kdmcse_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kdmcse"))
@@ -27,41 +27,13 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// KDMCSE with margins, the cosine filter, dropout on; a paired batch every 2nd step; the
-/// reference learning rate.
+/// KDMCSE with margins, the cosine filter and dropout; output under `DIR/out`.
 fn write_config(dir: &Path, batch_size: usize, steps: usize) -> PathBuf {
-    let shared = common::shared_dir().join("data");
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-max_len = 16
-[data]
-text = ["{shared}/wiki/wiki_sample_10k.txt"]
-paired = "{shared}/teacher"
-paired_every = 2
-eval = "{shared}"
-[loss]
-objective = "kdmcse"
-filter = "cosine"
-filter_threshold = 0.45
-[train]
-batch_size = {batch_size}
-max_steps = {steps}
-eval_steps = 0
-lr = 3e-5
-[output]
-dir = "{out}"
-checkpoint_steps = 2
-keep = 3
-"#,
-        model = common::minilm_dir().display(),
-        shared = shared.display(),
-        out = dir.join("out").display(),
-    );
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::quick_config(dir, dir.join("out").to_str().unwrap(), batch_size, steps)
+}
+
+fn final_weights(run: &Path) -> Vec<(String, Tensor)> {
+    common::latest_weights(&run.join("out"))
 }
 
 fn launcher(args: &[&str]) -> Command {
@@ -81,31 +53,12 @@ fn assert_ok(out: &Output) {
 }
 
 fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("out/metrics.jsonl"))
+    std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter_map(|v| v["loss"].as_f64())
         .collect()
-}
-
-fn final_weights(run: &Path) -> Vec<(String, Tensor)> {
-    let latest = std::fs::read_to_string(run.join("out/latest")).unwrap();
-    let path = run.join("out/checkpoints").join(latest.trim()).join("model.safetensors");
-    let mut w: Vec<_> = candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().collect();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
-fn max_weight_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((n, x), (m, y))| {
-            assert_eq!(n, m);
-            common::max_abs_diff(x, y)
-        })
-        .fold(0.0, f64::max)
 }
 
 const STEPS: usize = 20;
@@ -133,7 +86,7 @@ fn two_ranks_train_the_model_of_one_rank_with_twice_the_batch() {
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!((x - y).abs() < 1e-5, "step {}: loss {x} (1 x 16) vs {y} (2 x 8)", step + 1);
     }
-    let diff = max_weight_diff(&final_weights(single.path()), &final_weights(double.path()));
+    let diff = common::max_weight_diff(&final_weights(single.path()), &final_weights(double.path()));
     assert!(diff < 1e-5, "weights after {STEPS} steps differ by {diff}");
 
     // Two launchers as two nodes of one worker each, on loopback.
@@ -163,7 +116,7 @@ fn two_ranks_train_the_model_of_one_rank_with_twice_the_batch() {
     assert_ok(&n0.wait_with_output().unwrap());
     assert_ok(&n1.wait_with_output().unwrap());
     assert_eq!(losses(nodes.path()), b, "two nodes log the losses of --nproc 2");
-    assert_eq!(max_weight_diff(&final_weights(nodes.path()), &final_weights(double.path())), 0.0);
+    assert_eq!(common::max_weight_diff(&final_weights(nodes.path()), &final_weights(double.path())), 0.0);
 }
 
 /// Reads the launcher's stderr until `pred` matches a line; returns the line.
@@ -224,7 +177,7 @@ fn a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted() {
     assert!(status.success(), "launcher failed after the restart:\n{}", rest.join("\n"));
     assert!(rest.iter().any(|l| l.contains("restarting the group")), "{}", rest.join("\n"));
     assert!(rest.iter().any(|l| l.contains("resumed")), "the restarted group resumes from a checkpoint");
-    assert_eq!(max_weight_diff(&final_weights(straight.path()), &final_weights(faulty.path())), 0.0);
+    assert_eq!(common::max_weight_diff(&final_weights(straight.path()), &final_weights(faulty.path())), 0.0);
 }
 
 extern "C" {

@@ -119,17 +119,11 @@ fn expand(arg: &str, env: &HashMap<String, String>) -> String {
     out
 }
 
+/// The mounted config: the common quick config with `device = "cuda"`, which the overlay's pod
+/// arguments override for its CPU nodes.
 fn write_config(dir: &Path) -> PathBuf {
-    let shared = common::shared_dir().join("data");
-    let text = format!(
-        "[model]\npath = \"{}\"\nmax_len = 16\n[data]\ntext = [\"{s}/wiki/wiki_sample_10k.txt\"]\npaired = \"{s}/teacher\"\n\
-         paired_every = 2\neval = \"{s}\"\n[loss]\nfilter = \"cosine\"\nfilter_threshold = 0.45\n[train]\nbatch_size = 8\n\
-         max_steps = 8\neval_steps = 0\ndevice = \"cuda\"\n[output]\ndir = \"unused\"\ncheckpoint_steps = 2\nkeep = 2\nmetrics = \"{m}\"\n",
-        common::minilm_dir().display(),
-        s = shared.display(),
-        m = dir.join("metrics.jsonl").display(),
-    );
-    let path = dir.join("train.toml");
+    let path = common::quick_config(dir, "unused", 8, 8);
+    let text = std::fs::read_to_string(&path).unwrap().replace("device = \"cpu\"", "device = \"cuda\"");
     std::fs::write(&path, text).unwrap();
     path
 }

@@ -9,13 +9,13 @@ use common::s3::{free_port, open_store, s3_env, S3Server, BUCKET};
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use kdmcse::checkpoint::CheckpointStore;
 
 /// A TCP forwarder in front of the server whose connections the test can cut.
@@ -72,40 +72,6 @@ impl Proxy {
     }
 }
 
-fn write_config(dir: &Path, output: &str, steps: usize) -> PathBuf {
-    let shared = common::shared_dir().join("data");
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-max_len = 16
-[data]
-text = ["{shared}/wiki/wiki_sample_10k.txt"]
-paired = "{shared}/teacher"
-paired_every = 2
-eval = "{shared}"
-[loss]
-filter = "cosine"
-filter_threshold = 0.45
-[train]
-batch_size = 8
-max_steps = {steps}
-eval_steps = 0
-[output]
-dir = "{output}"
-checkpoint_steps = 2
-keep = 1
-metrics = "{metrics}"
-"#,
-        model = common::minilm_dir().display(),
-        shared = shared.display(),
-        metrics = dir.join("metrics.jsonl").display(),
-    );
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn kdmcse() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kdmcse"))
 }
@@ -114,33 +80,15 @@ fn assert_ok(out: &Output) {
     assert!(out.status.success(), "failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn weights_of(store: &CheckpointStore, name: &str) -> Vec<(String, Tensor)> {
-    let checkpoint = store.load(name).unwrap();
-    let mut w: Vec<_> =
-        candle_core::safetensors::load_buffer(checkpoint.part("model.safetensors").unwrap(), &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .collect();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
-fn assert_same(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
-    assert_eq!(a.len(), b.len());
-    for ((n, x), (_, y)) in a.iter().zip(b) {
-        assert_eq!(common::max_abs_diff(x, y), 0.0, "{n} differs");
-    }
-}
-
 /// Runs a local (filesystem) reference of `steps` steps and returns its final weights.
 fn local_reference(steps: usize) -> Vec<(String, Tensor)> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let cfg = write_config(dir.path(), out.to_str().unwrap(), steps);
+    let cfg = common::quick_config(dir.path(), out.to_str().unwrap(), 8, steps);
     assert_ok(&kdmcse().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
     let store = CheckpointStore::open(out.to_str().unwrap()).unwrap();
     let latest = store.pointer("latest").unwrap().unwrap();
-    weights_of(&store, &latest)
+    common::checkpoint_weights(&store, &latest)
 }
 
 #[test]
@@ -148,10 +96,10 @@ fn save_list_resume_retention_and_export_over_s3() {
     let server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("s3://{BUCKET}/runs/basic");
-    let cfg = write_config(dir.path(), &url, 4);
+    let cfg = common::quick_config(dir.path(), &url, 8, 4);
     assert_ok(
         &s3_env(&mut kdmcse(), server.port)
-            .args(["train", "--config", cfg.to_str().unwrap()])
+            .args(["train", "--config", cfg.to_str().unwrap(), "--set", "output.keep=1"])
             .output()
             .unwrap(),
     );
@@ -159,16 +107,27 @@ fn save_list_resume_retention_and_export_over_s3() {
     // keep = 1: only the newest checkpoint (which `latest` points to) remains.
     assert_eq!(store.list().unwrap(), ["step-00000004"]);
     assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000004"));
-    let four = weights_of(&store, "step-00000004");
+    let four = common::checkpoint_weights(&store, "step-00000004");
     // Resume from S3 and train 2 more steps.
     let out = s3_env(&mut kdmcse(), server.port)
-        .args(["train", "--config", cfg.to_str().unwrap(), "--set", "train.max_steps=6", "--resume", "auto"])
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "output.keep=1",
+        ])
         .output()
         .unwrap();
     assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("resumed"));
     assert_eq!(store.list().unwrap(), ["step-00000006"]);
-    assert_ne!(common::max_abs_diff(&four[0].1, &weights_of(&store, "step-00000006")[0].1), 0.0);
+    assert_ne!(
+        common::max_abs_diff(&four[0].1, &common::checkpoint_weights(&store, "step-00000006")[0].1),
+        0.0
+    );
     // Export straight from the bucket.
     let export = dir.path().join("export");
     let out = s3_env(&mut kdmcse(), server.port)
@@ -186,7 +145,7 @@ fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_lates
     let proxy = Proxy::start(server.port);
     let dir = tempfile::tempdir().unwrap();
     let url = format!("s3://{BUCKET}/runs/flaky");
-    let cfg = write_config(dir.path(), &url, 6);
+    let cfg = common::quick_config(dir.path(), &url, 8, 6);
 
     // 1. Connections dropped for a moment while step 2's checkpoint uploads: retried, run goes on.
     // 2. At step 4 the server stays unreachable: the run fails, `latest` still names step 2.
@@ -246,14 +205,17 @@ fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_lates
             .unwrap(),
     );
     assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000006"));
-    assert_same(&weights_of(&store, "step-00000006"), &reference);
+    assert_eq!(
+        common::max_weight_diff(&common::checkpoint_weights(&store, "step-00000006"), &reference),
+        0.0
+    );
 }
 
 #[test]
 fn corrupted_weights_fail_the_manifest_check_and_resume_falls_back() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let cfg = write_config(dir.path(), out.to_str().unwrap(), 4);
+    let cfg = common::quick_config(dir.path(), out.to_str().unwrap(), 8, 4);
     assert_ok(
         &kdmcse()
             .args(["train", "--config", cfg.to_str().unwrap(), "--set", "output.keep=3"])
@@ -277,7 +239,7 @@ fn two_ranks_stop_and_resume_through_s3_equal_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let launcher = PathBuf::from(env!("CARGO_BIN_EXE_kdmcse")).with_file_name("kdmcse-launch");
     let run = |url: &str, extra: &[&str]| {
-        let cfg = write_config(dir.path(), url, 6);
+        let cfg = common::quick_config(dir.path(), url, 8, 6);
         let mut cmd = Command::new(&launcher);
         s3_env(&mut cmd, server.port)
             .env("KDMCSE_BIN", env!("CARGO_BIN_EXE_kdmcse"))
@@ -300,6 +262,6 @@ fn two_ranks_stop_and_resume_through_s3_equal_an_uninterrupted_run() {
     let store = open_store(&resumed, server.port);
     assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000003"));
     run(&resumed, &[]);
-    let a = weights_of(&open_store(&straight, server.port), "step-00000006");
-    assert_same(&a, &weights_of(&store, "step-00000006"));
+    let a = common::checkpoint_weights(&open_store(&straight, server.port), "step-00000006");
+    assert_eq!(common::max_weight_diff(&a, &common::checkpoint_weights(&store, "step-00000006")), 0.0);
 }

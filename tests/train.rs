@@ -16,41 +16,9 @@ fn kdmcse(args: &[&str]) -> Output {
         .expect("run kdmcse")
 }
 
-/// A config for a few quick KDMCSE steps (margins, cosine filter, a paired batch every 2nd step).
-fn write_config(dir: &Path, overrides: &str) -> PathBuf {
-    let shared = common::shared_dir().join("data");
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-max_len = 16
-[data]
-text = ["{shared}/wiki/wiki_sample_10k.txt"]
-paired = "{shared}/teacher"
-paired_every = 2
-eval = "{shared}"
-[loss]
-objective = "kdmcse"
-filter = "cosine"
-filter_threshold = 0.45
-[train]
-batch_size = 8
-max_steps = 6
-eval_steps = 0
-lr = 1e-4
-[output]
-dir = "{out}"
-checkpoint_steps = 2
-keep = 2
-{overrides}
-"#,
-        model = common::minilm_dir().display(),
-        shared = shared.display(),
-        out = dir.join("out").display(),
-    );
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+/// Six quick steps with output under `DIR/out`.
+fn quick(dir: &Path) -> PathBuf {
+    common::quick_config(dir, dir.join("out").to_str().unwrap(), 8, 6)
 }
 
 fn train(config: &Path, extra: &[&str]) -> Output {
@@ -72,51 +40,30 @@ fn assert_fails_with(out: &Output, needles: &[&str]) {
     assert!(!err.contains("panicked"), "a panic is not an error message:\n{err}");
 }
 
-/// The trained tensors of a run's newest checkpoint.
-fn final_weights(run: &Path) -> Vec<(String, Tensor)> {
-    let latest = std::fs::read_to_string(run.join("out/latest")).unwrap();
-    let path = run.join("out/checkpoints").join(latest.trim()).join("model.safetensors");
-    let mut weights: Vec<_> =
-        candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().collect();
-    weights.sort_by(|a, b| a.0.cmp(&b.0));
-    weights
-}
-
-fn assert_same_weights(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
-    assert_eq!(a.len(), b.len());
-    for ((name, x), (_, y)) in a.iter().zip(b) {
-        let (x, y) = (
-            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        assert!(x == y, "{name} differs");
-    }
-}
-
 #[test]
 fn same_seed_same_weights_and_resume_equals_uninterrupted() {
     let (a, b, c) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for dir in [&a, &b] {
-        assert_ok(&train(&write_config(dir.path(), ""), &[]));
+        assert_ok(&train(&quick(dir.path()), &[]));
     }
-    let straight = final_weights(a.path());
-    assert_same_weights(&straight, &final_weights(b.path()));
+    let straight = common::latest_weights(&a.path().join("out"));
+    assert_eq!(common::max_weight_diff(&straight, &common::latest_weights(&b.path().join("out"))), 0.0);
     // Stop after 3 of 6 steps (as a pre-empted job), then resume from the newest checkpoint.
-    let config = write_config(c.path(), "");
+    let config = quick(c.path());
     assert_ok(&train(&config, &["--stop-after", "3"]));
     assert_eq!(std::fs::read_to_string(c.path().join("out/latest")).unwrap().trim(), "step-00000003");
     assert_ok(&train(&config, &["--resume", "auto"]));
-    assert_same_weights(&straight, &final_weights(c.path()));
+    assert_eq!(common::max_weight_diff(&straight, &common::latest_weights(&c.path().join("out"))), 0.0);
     // The untrained student would differ: training did change the weights.
-    let metrics = std::fs::read_to_string(a.path().join("out/metrics.jsonl")).unwrap();
+    let metrics = std::fs::read_to_string(a.path().join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().filter(|l| l.contains("\"kind\":\"paired\"")).count(), 3);
 }
 
 #[test]
 fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
     let run = tempfile::tempdir().unwrap();
-    assert_ok(&train(&write_config(run.path(), ""), &["--set", "train.max_steps=2"]));
+    assert_ok(&train(&quick(run.path()), &["--set", "train.max_steps=2"]));
     let out = run.path().join("export");
     let exported = kdmcse(&[
         "export",
@@ -171,7 +118,7 @@ fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
 #[test]
 fn bad_config_and_data_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
+    let config = quick(dir.path());
     assert_fails_with(&train(&config, &["--set", "train.bogus=1"]), &["bogus"]);
     assert_fails_with(&train(&config, &["--set", "loss.objective=mcse"]), &["mcse"]);
 
@@ -207,7 +154,7 @@ fn bad_config_and_data_are_clear_errors() {
 #[test]
 fn resuming_a_checkpoint_of_another_architecture_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
+    let config = quick(dir.path());
     assert_ok(&train(&config, &["--set", "train.max_steps=1"]));
     // The same run folder, now with a model of another shape (MiniLM with 3 layers).
     let other = dir.path().join("other-model");

@@ -47,3 +47,72 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let b = b.to_dtype(DType::F64).unwrap();
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
+
+/// Writes `DIR/config.toml`: a few quick KDMCSE steps on MiniLM and the shared data (margins
+/// 0.15, cosine filter, a paired batch every 2nd step, no evaluation, a checkpoint every 2 steps,
+/// metrics in `DIR/metrics.jsonl`). Tests vary the rest with `--set`.
+pub fn quick_config(dir: &std::path::Path, output: &str, batch_size: usize, steps: usize) -> PathBuf {
+    let shared = shared_dir().join("data");
+    let text = format!(
+        r#"[model]
+path = "{model}"
+max_len = 16
+[data]
+text = ["{shared}/wiki/wiki_sample_10k.txt"]
+paired = "{shared}/teacher"
+paired_every = 2
+eval = "{shared}"
+[loss]
+objective = "kdmcse"
+filter = "cosine"
+filter_threshold = 0.45
+[train]
+batch_size = {batch_size}
+max_steps = {steps}
+eval_steps = 0
+device = "cpu"
+[output]
+dir = "{output}"
+checkpoint_steps = 2
+keep = 2
+metrics = "{metrics}"
+"#,
+        model = minilm_dir().display(),
+        shared = shared.display(),
+        metrics = dir.join("metrics.jsonl").display(),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The trained tensors of checkpoint `name` of a store, sorted by name.
+pub fn checkpoint_weights(store: &kdmcse::checkpoint::CheckpointStore, name: &str) -> Vec<(String, Tensor)> {
+    let checkpoint = store.load(name).unwrap();
+    let mut weights: Vec<_> =
+        candle_core::safetensors::load_buffer(checkpoint.part("model.safetensors").unwrap(), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    weights
+}
+
+/// The newest checkpoint's weights under a local output folder.
+pub fn latest_weights(output: &std::path::Path) -> Vec<(String, Tensor)> {
+    let store = kdmcse::checkpoint::CheckpointStore::open(output.to_str().unwrap()).unwrap();
+    let latest = store.pointer("latest").unwrap().expect("a checkpoint");
+    checkpoint_weights(&store, &latest)
+}
+
+/// The largest elementwise difference between two weight sets with the same names.
+pub fn max_weight_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((n, x), (m, y))| {
+            assert_eq!(n, m);
+            max_abs_diff(x, y)
+        })
+        .fold(0.0, f64::max)
+}
