@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 scripts/fetch-minilm.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --release -- -D warnings
+# The end-to-end tests run both binaries (kdmcse-launch is another package of the workspace).
+cargo build --workspace --release
 cargo test --workspace --release --all-targets

@@ -239,8 +239,9 @@ fn run_encode(args: EncodeArgs) -> Result<()> {
 fn run_train(args: TrainArgs) -> Result<()> {
     let config = TrainConfig::load(&args.config, &args.overrides)?;
     kdmcse::train::install_stop_handler()?;
-    let group = kdmcse::dist::init_from_env()?;
-    let mut trainer = Trainer::new(config, group.comm.as_ref())?;
+    let device = kdmcse::train::device_for(&config.train.device)?;
+    let group = kdmcse::dist::init_from_env(&device)?;
+    let mut trainer = Trainer::new(config, group.comm.as_ref(), device)?;
     trainer.resume(&args.resume)?;
     let summary = trainer.train(args.stop_after)?;
     tracing::info!(?summary, "done");

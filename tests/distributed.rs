@@ -19,7 +19,11 @@ fn kdmcse_bin() -> PathBuf {
 /// The launcher is the workspace's other binary, built beside `kdmcse`.
 fn launcher_bin() -> PathBuf {
     let path = kdmcse_bin().with_file_name("kdmcse-launch");
-    assert!(path.is_file(), "{} not built: run the tests with --workspace", path.display());
+    assert!(
+        path.is_file(),
+        "{} not built: cargo build --workspace --release (scripts/test.sh does)",
+        path.display()
+    );
     path
 }
 

@@ -3,9 +3,12 @@
 //! [`init_from_env`], which joins a job from the launcher's environment (`RANK`, `WORLD_SIZE`,
 //! `MASTER_ADDR`, `MASTER_PORT`, as torchrun sets them).
 //!
-//! Backends: [`SingleProcess`] (a world of one) and [`tcp::TcpCommunicator`], a TCP mesh for
-//! development, tests and CPU boxes. NCCL is the engine for real GPU runs.
+//! Backends: [`SingleProcess`] (a world of one), [`tcp::TcpCommunicator`], a TCP mesh for
+//! development, tests and CPU boxes, and `nccl::NcclCommunicator` (the `cuda` feature), the
+//! engine for real GPU runs, chosen when the trainer's device is a GPU.
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod store;
 pub mod tcp;
 
@@ -147,9 +150,9 @@ pub fn timeout_from_env() -> Result<Duration> {
 }
 
 /// Joins the job described by the environment: a single process without `WORLD_SIZE` (or with
-/// 1), else the TCP mesh, rendezvousing through the store rank 0 hosts at
-/// `MASTER_ADDR:MASTER_PORT`.
-pub fn init_from_env() -> Result<ProcessGroup> {
+/// 1), else the TCP mesh (and NCCL on top of it when `device` is a GPU), rendezvousing through the
+/// store rank 0 hosts at `MASTER_ADDR:MASTER_PORT`.
+pub fn init_from_env(device: &candle_core::Device) -> Result<ProcessGroup> {
     let world_size = env_usize("WORLD_SIZE")?.unwrap_or(1);
     if world_size <= 1 {
         return Ok(ProcessGroup { comm: Box::new(SingleProcess), _store: None });
@@ -168,10 +171,33 @@ pub fn init_from_env() -> Result<ProcessGroup> {
     let mut client = store::StoreClient::connect(&master_addr, timeout)
         .with_context(|| format!("rank {rank}: cannot join the job"))?;
     let ip = advertise_ip(&master_addr)?;
-    let comm = tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, generation, timeout)
+    let tcp = tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, generation, timeout)
         .with_context(|| format!("rank {rank}: collectives setup failed"))?;
-    tracing::info!(rank, world_size, %master_addr, pid = std::process::id(), "joined the job (TCP collectives)");
-    Ok(ProcessGroup { comm: Box::new(comm), _store: server })
+    let comm: Box<dyn Communicator> =
+        if device.is_cpu() { Box::new(tcp) } else { gpu_communicator(&mut client, tcp, device, timeout)? };
+    let backend = if device.is_cpu() { "TCP" } else { "NCCL" };
+    tracing::info!(rank, world_size, %master_addr, backend, pid = std::process::id(), "joined the job");
+    Ok(ProcessGroup { comm, _store: server })
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_communicator(
+    client: &mut store::StoreClient,
+    tcp: tcp::TcpCommunicator,
+    device: &candle_core::Device,
+    timeout: Duration,
+) -> Result<Box<dyn Communicator>> {
+    Ok(Box::new(nccl::NcclCommunicator::connect(client, tcp, device, timeout)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_communicator(
+    _: &mut store::StoreClient,
+    _: tcp::TcpCommunicator,
+    device: &candle_core::Device,
+    _: Duration,
+) -> Result<Box<dyn Communicator>> {
+    anyhow::bail!("{device:?}: GPU collectives need a build with the `cuda` feature")
 }
 
 /// The local address other ranks reach this one at: the interface that routes to the master.

@@ -224,9 +224,10 @@ fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Bytes> {
 }
 
 impl<'c> Trainer<'c> {
-    pub fn new(cfg: TrainConfig, comm: &'c dyn Communicator) -> Result<Self> {
+    /// A trainer on `device` (from [`device_for`]`(cfg.train.device)`, shared with the
+    /// communicator so that GPU collectives run on the same stream).
+    pub fn new(cfg: TrainConfig, comm: &'c dyn Communicator, device: Device) -> Result<Self> {
         cfg.validate()?;
-        let device = device_for(&cfg.train.device)?;
         let model_dir = &cfg.model.path;
         let encoder_config = model::load_config(model_dir)?;
         let text = TextCorpus::load(&cfg.data.text)?;

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Checks a `kdmcse export` folder in Python: Hugging Face AutoModel and sentence-transformers load
+it, and sentence-transformers' embeddings equal `kdmcse encode`'s to 1e-4.
+
+    python3 scripts/check-export.py EXPORT_DIR [KDMCSE_BIN]
+
+Needs torch, transformers and sentence-transformers (not installed by the test scripts: the
+PyPI torch wheels with their CUDA dependencies are several GB).
+"""
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel
+
+SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "Two dogs run through a field of tall grass.",
+    "Café naïve façade — 東京",
+    "hello",
+]
+
+
+def main() -> None:
+    export = Path(sys.argv[1])
+    kdmcse = sys.argv[2] if len(sys.argv) > 2 else "target/release/kdmcse"
+    AutoModel.from_pretrained(export)
+    model = SentenceTransformer(str(export), device="cpu")
+    theirs = model.encode(SENTENCES, convert_to_numpy=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = Path(tmp) / "in.txt", Path(tmp) / "out.safetensors"
+        inp.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+        subprocess.run([kdmcse, "encode", "--model", str(export), "--input", str(inp), "--output", str(out)], check=True)
+        ours = load_file(str(out))["embeddings"]
+    diff = float(np.abs(ours - theirs).max())
+    print(f"max |kdmcse - sentence-transformers| = {diff:.2e}")
+    if diff > 1e-4:
+        sys.exit(f"embeddings differ by {diff}")
+
+
+if __name__ == "__main__":
+    main()
