@@ -60,10 +60,6 @@ impl Dropout {
         Self { hidden_p, attention_p, row_keys: Some(row_keys) }
     }
 
-    pub fn is_active(&self) -> bool {
-        self.row_keys.is_some() && (self.hidden_p > 0.0 || self.attention_p > 0.0)
-    }
-
     /// Applies the mask of `site` to `xs`, whose first dimension is the batch.
     pub fn apply(&self, xs: &Tensor, site: Site) -> Result<Tensor> {
         let p = if site.is_attention() { self.attention_p } else { self.hidden_p };

@@ -240,11 +240,6 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// Parses a saved effective configuration (a checkpoint's `config.toml`).
-    pub fn from_toml(text: &str) -> Result<Self> {
-        Ok(toml::from_str(text)?)
-    }
-
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the config serialises")
     }

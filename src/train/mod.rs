@@ -826,9 +826,3 @@ fn progress_bar(total: u64, position: u64, rank: usize) -> indicatif::ProgressBa
     );
     bar
 }
-
-/// Reads a checkpoint's saved configuration.
-pub fn checkpoint_config(checkpoint: &Checkpoint) -> Result<TrainConfig> {
-    let text = std::str::from_utf8(checkpoint.part(parts::CONFIG)?)?;
-    TrainConfig::from_toml(text)
-}
