@@ -96,7 +96,7 @@ struct ModelArgs {
     pooler: Pooling,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// `cpu` or `cuda:N`.
+    /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -154,18 +154,6 @@ fn main() {
     }
 }
 
-fn device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ordinal =
-                s.strip_prefix("cuda:").map_or(Ok(0), str::parse).context("device: expected cuda:N")?;
-            Ok(Device::new_cuda(ordinal)?)
-        }
-        other => bail!("unknown device {other:?}: expected cpu or cuda:N"),
-    }
-}
-
 /// A progress bar on a terminal; hidden otherwise.
 fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
     if !std::io::stderr().is_terminal() {
@@ -181,7 +169,7 @@ fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
-    let device = device(&args.model.device)?;
+    let device = kdmcse::train::device_for(&args.model.device)?;
     let tasks = if args.tasks.is_empty() { Task::ALL.to_vec() } else { args.tasks };
     // Read (and validate) every task's files before spending time on the model.
     let mut loaded = Vec::new();
@@ -221,7 +209,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 }
 
 fn run_encode(args: EncodeArgs) -> Result<()> {
-    let device = device(&args.model.device)?;
+    let device = kdmcse::train::device_for(&args.model.device)?;
     let text = std::fs::read_to_string(&args.input)
         .with_context(|| format!("cannot read {}", args.input.display()))?;
     let sentences: Vec<&str> = text.lines().collect();
@@ -253,8 +241,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
 }
 
 fn run_export(args: ExportArgs) -> Result<()> {
-    let checkpoint = match args.checkpoint.rsplit_once("/checkpoints/") {
-        Some((root, name)) => CheckpointStore::open(root)?.load(name.trim_end_matches('/'))?,
+    let checkpoint = match kdmcse::checkpoint::split_location(&args.checkpoint) {
+        Some((root, name)) => CheckpointStore::open(root)?.load(name)?,
         None => CheckpointStore::open(&args.checkpoint)?
             .load_newest()?
             .with_context(|| format!("no checkpoint that verifies under {}", args.checkpoint))?,
@@ -336,7 +324,7 @@ fn read_captions(path: &std::path::Path, images: &std::path::Path) -> Result<Cap
 }
 
 fn run_precompute(args: PrecomputeArgs) -> Result<()> {
-    let device = device(&args.device)?;
+    let device = kdmcse::train::device_for(&args.device)?;
     let teacher = kdmcse::model::clip::ClipTeacher::load(&args.clip, &device)?;
     let grouped = read_captions(&args.captions, &args.images)?;
     if grouped.is_empty() {

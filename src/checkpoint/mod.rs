@@ -66,6 +66,12 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// Splits a checkpoint location `<root>/checkpoints/<name>` into the store root and the name;
+/// `None` for anything else (a run's root, or a bare name).
+pub fn split_location(location: &str) -> Option<(&str, &str)> {
+    location.rsplit_once("/checkpoints/").map(|(root, name)| (root, name.trim_end_matches('/')))
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }

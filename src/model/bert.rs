@@ -310,6 +310,11 @@ impl BertModel {
         Ok(Self { embeddings, layers, config: config.clone() })
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.embeddings.word.embeddings().device()
+    }
+
     /// Last hidden states `[batch, len, hidden]` for right-padded `input_ids` `[batch, len]`
     /// with `attention_mask` (1 = token, 0 = padding).
     pub fn forward(

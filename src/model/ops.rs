@@ -42,13 +42,30 @@ pub fn layer_norm_composed(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The contiguous f32 data of a CPU custom op's input.
+pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match storage {
         CpuStorage::F32(data) => data,
         _ => candle_core::bail!("{op}: expected f32 input"),
     };
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// [`cpu_f32`] for the tensor an in-place op writes.
+pub(crate) fn cpu_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    let data = match storage {
+        CpuStorage::F32(data) => data,
+        _ => candle_core::bail!("{op}: expected f32 input"),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
         None => candle_core::bail!("{op}: input must be contiguous"),
     }
 }

@@ -396,8 +396,8 @@ impl<'c> Trainer<'c> {
                     return Ok(None);
                 }
             },
-            Resume::From(location) => match location.rsplit_once("/checkpoints/") {
-                Some((root, name)) => CheckpointStore::open(root)?.load(name.trim_end_matches('/'))?,
+            Resume::From(location) => match crate::checkpoint::split_location(location) {
+                Some((root, name)) => CheckpointStore::open(root)?.load(name)?,
                 None => self.store.load(location)?,
             },
         };
@@ -451,26 +451,15 @@ impl<'c> Trainer<'c> {
     /// STS-B dev Spearman x100 (CLS before the MLP head, dropout off).
     pub fn evaluate(&self) -> Result<f64> {
         let sentences = self.dev.sentences();
-        let encoded = self.eval_tokenizer.encode(&sentences)?;
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].ids.len()));
-        let mut rows = vec![None; encoded.len()];
-        for chunk in order.chunks(128) {
-            let batch: Vec<&Encoded> = chunk.iter().map(|&i| &encoded[i]).collect();
-            let batch = TokenBatch::pad(&batch, self.eval_tokenizer.pad_id(), &self.device)?;
-            let h = self.encoder.embed(
-                &batch.input_ids,
-                &batch.token_type_ids,
-                &batch.attention_mask,
-                &Dropout::disabled(),
-                self.cfg.model.pooling,
-            )?;
-            for (row, &i) in chunk.iter().enumerate() {
-                rows[i] = Some(h.get(row)?.detach());
-            }
-        }
-        let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every sentence embedded")).collect();
-        eval::sts_score(&Tensor::stack(&rows, 0)?, &self.dev)
+        let embeddings = crate::embed::embed_sentences(
+            &self.encoder,
+            &self.eval_tokenizer,
+            self.cfg.model.pooling,
+            &sentences,
+            128,
+            |_| {},
+        )?;
+        eval::sts_score(&embeddings, &self.dev)
     }
 
     fn is_paired_micro_step(&self, micro_step: u64) -> bool {

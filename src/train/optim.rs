@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::model::ops::{cpu_f32, cpu_f32_mut};
+
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
     pub betas: [f64; 2],
@@ -120,23 +122,6 @@ impl AdamW {
     }
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("adamw: expected contiguous f32"),
-    }
-}
-
-fn contiguous_f32_mut<'a>(
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => candle_core::bail!("adamw: expected contiguous f32"),
-    }
-}
-
 const CHUNK: usize = 1 << 14;
 
 /// `x = keep * x + (1 - keep) * g` (or `g^2`), in place: a moment update.
@@ -157,7 +142,7 @@ impl InplaceOp2 for Lerp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (x, g) = (contiguous_f32_mut(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (x, g) = (cpu_f32_mut(s1, l1, self.name())?, cpu_f32(s2, l2, self.name())?);
         let (keep, take) = (self.keep as f32, (1.0 - self.keep) as f32);
         let square = self.square;
         x.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(x, g)| {
@@ -192,7 +177,8 @@ impl InplaceOp3 for AdamUpdate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let (p, m, v) = (contiguous_f32_mut(s1, l1)?, contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
+        let name = self.name();
+        let (p, m, v) = (cpu_f32_mut(s1, l1, name)?, cpu_f32(s2, l2, name)?, cpu_f32(s3, l3, name)?);
         let (step, bc2, eps, decay) =
             (self.step_size as f32, self.bias_correction2 as f32, self.eps as f32, self.decay as f32);
         p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
