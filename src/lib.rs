@@ -3,12 +3,14 @@
 //! The library holds the method (model, losses, data, evaluation); the `kdmcse` binary and the
 //! launcher build the training application on top of it.
 
+pub mod check;
 pub mod checkpoint;
 pub mod data;
 pub mod dist;
 pub mod embed;
 pub mod eval;
 pub mod export;
+mod kernels;
 pub mod loss;
 pub mod model;
 pub mod train;

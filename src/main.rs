@@ -1,4 +1,5 @@
-//! The `kdmcse` command line: evaluate and encode with a model folder.
+//! The `kdmcse` command line: evaluate, encode, train, export, precompute teacher features, and
+//! check a machine.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -35,6 +36,21 @@ enum Command {
     /// Teacher features from a CLIP model for captions and their images, in the interchange
     /// format that training reads (data.paired).
     Precompute(PrecomputeArgs),
+    /// Checks this machine: the collectives of the job it joins (under kdmcse-launch, or with
+    /// WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT set), and the device's dropout masks and encoder
+    /// against the CPU. Prints one JSON line per check; exits 1 if any fails.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// `cpu`, `cuda` (this worker's LOCAL_RANK) or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Also compare the encoder of this model folder (forward and gradients) with the CPU, in
+    /// fp32 and bf16.
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -147,6 +163,7 @@ fn main() {
         Command::Train(args) => run_train(args),
         Command::Export(args) => run_export(args),
         Command::Precompute(args) => run_precompute(args),
+        Command::Check(args) => run_check(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
@@ -236,6 +253,29 @@ fn run_train(args: TrainArgs) -> Result<()> {
     println!("{}", serde_json::to_string(&summary)?);
     if summary.outcome == Outcome::Interrupted {
         std::process::exit(143); // stopped by a signal, checkpoint written: not finished
+    }
+    Ok(())
+}
+
+fn run_check(args: CheckArgs) -> Result<()> {
+    let device = kdmcse::train::device_for(&args.device)?;
+    let group = kdmcse::dist::init_from_env(&device)?;
+    let mut checks = kdmcse::check::collectives(group.comm.as_ref(), &device)?;
+    checks.extend(kdmcse::check::dropout_masks(&device)?);
+    if let Some(model) = &args.model {
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            checks.extend(kdmcse::check::encoder(model, &device, dtype)?);
+        }
+    }
+    let rank = group.comm.rank();
+    for check in &checks {
+        let mut line = serde_json::to_value(check)?;
+        line["rank"] = rank.into();
+        println!("{line}");
+    }
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
+    if !failed.is_empty() {
+        bail!("rank {rank}: {} of {} checks failed: {}", failed.len(), checks.len(), failed.join(", "));
     }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Data-parallel training through `kdmcse-launch` with real worker processes on loopback:
 //! 2 ranks x B equal 1 rank x 2B (losses and weights), two single-worker "nodes" equal
 //! `--nproc 2`, a killed worker is restarted and the run ends where an uninterrupted one does,
-//! and rendezvous failures name the missing rank.
+//! rendezvous failures name the missing rank, and `kdmcse check`'s collective checks pass on 2
+//! ranks and on a launched world of one (the checks scripts/device-check.sh runs over NCCL).
 
 mod common;
 
@@ -242,4 +243,53 @@ fn rendezvous_failures_name_the_missing_rank_and_leave_no_process() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rank 1: cannot join the job") && err.contains("cannot reach the master"), "{err}");
+}
+
+/// `kdmcse check` on `world` ranks joined through the rendezvous store (TCP collectives).
+fn check_ranks(world: usize) -> Vec<Output> {
+    let port = free_port().to_string();
+    let children: Vec<Child> = (0..world)
+        .map(|rank| {
+            Command::new(kdmcse_bin())
+                .args(["check", "--device", "cpu"])
+                .envs([
+                    ("WORLD_SIZE", world.to_string().as_str()),
+                    ("RANK", rank.to_string().as_str()),
+                    ("MASTER_ADDR", "127.0.0.1"),
+                    ("MASTER_PORT", port.as_str()),
+                    ("KDMCSE_TIMEOUT", "60"),
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+}
+
+#[test]
+fn collective_checks_pass_on_two_ranks_and_on_a_launched_world_of_one() {
+    for world in [2, 1] {
+        for (rank, out) in check_ranks(world).iter().enumerate() {
+            assert_ok(out);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let checks: Vec<serde_json::Value> =
+                stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            for name in
+                ["all_gather", "all_reduce_sum", "all_reduce_grads", "gather_with_local_grad", "barrier"]
+            {
+                assert!(
+                    checks.iter().any(|c| c["name"] == name && c["passed"] == true),
+                    "{name} on rank {rank}: {stdout}"
+                );
+            }
+            assert!(checks.iter().all(|c| c["rank"] == rank), "{stdout}");
+            let joined = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                joined.contains("joined the job") && joined.contains(&format!("world_size={world}")),
+                "{joined}"
+            );
+        }
+    }
 }

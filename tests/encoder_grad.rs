@@ -133,3 +133,42 @@ fn first_token_shortcut_equals_the_full_forward() {
         assert!(diff <= 1e-5 * scale.max(1.0), "{name}: gradients differ by {diff} (largest {scale})");
     }
 }
+
+/// bf16 autocast: the same weights give nearly the fp32 embeddings and gradients, the outputs
+/// and the gradients of the fp32 master weights stay fp32, and the bf16 path really runs (the
+/// results are not bit-equal to fp32's).
+#[test]
+fn bf16_mixed_precision_tracks_fp32() {
+    let device = Device::Cpu;
+    let cfg = Config::tiny(ModelType::Bert);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let fp32 = BertModel::load(vb.clone(), &cfg).unwrap();
+    let bf16 = BertModel::load(vb, &cfg).unwrap().with_compute_dtype(DType::BF16);
+    let (ids, types, mask) = batch(&device, &cfg);
+    let probe = Tensor::randn(0f32, 1.0, (3, cfg.hidden_size), &device).unwrap();
+    let run = |model: &BertModel| {
+        let pooled = model.embed(&ids, &types, &mask, &dropout(0), Pooling::Avg).unwrap();
+        assert_eq!(pooled.dtype(), DType::F32);
+        let grads = (&pooled * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let vars = varmap.all_vars();
+        let flat: Vec<f32> = vars
+            .iter()
+            .flat_map(|var| {
+                let grad = grads.get(var.as_tensor()).expect("every weight gets a gradient");
+                assert_eq!(grad.dtype(), DType::F32);
+                grad.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        (pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap(), flat)
+    };
+    let (out32, grad32) = run(&fp32);
+    let (out16, grad16) = run(&bf16);
+    let max_diff = out32.iter().zip(&out16).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff > 0.0, "bf16 output equals fp32 bit for bit: the bf16 path did not run");
+    assert!(max_diff < 5e-2, "bf16 output differs from fp32 by {max_diff}");
+    let dot: f64 = grad32.iter().zip(&grad16).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
+    let norm = |g: &[f32]| g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&grad32) * norm(&grad16));
+    assert!(cosine > 0.999, "cosine of bf16 and fp32 gradients {cosine}");
+}

@@ -60,6 +60,48 @@ fn same_seed_same_weights_and_resume_equals_uninterrupted() {
     assert_eq!(metrics.lines().filter(|l| l.contains("\"kind\":\"paired\"")).count(), 3);
 }
 
+/// The losses in a run's metrics file, one per step.
+fn step_losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter_map(|record| record["loss"].as_f64())
+        .collect()
+}
+
+/// `train.precision = "bf16"` trains the same run as fp32 up to bf16 rounding: the same
+/// batches and masks, losses within a few percent, the weights moved alike.
+#[test]
+fn bf16_training_tracks_fp32() {
+    let (fp32, bf16) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The fp32 run also times its phases.
+    assert_ok(&train(
+        &quick(fp32.path()),
+        &["--set", "train.max_steps=2", "--set", "train.phase_timings=true"],
+    ));
+    assert_ok(&train(&quick(bf16.path()), &["--set", "train.max_steps=2", "--set", "train.precision=bf16"]));
+    let (l32, l16) = (step_losses(fp32.path()), step_losses(bf16.path()));
+    assert_eq!((l32.len(), l16.len()), (2, 2));
+    for (a, b) in l32.iter().zip(&l16) {
+        assert!(b.is_finite() && (a - b).abs() < 0.05 * a.abs().max(1.0), "fp32 loss {a}, bf16 loss {b}");
+    }
+    assert_ne!(l32, l16, "bf16 losses equal fp32's bit for bit: the bf16 path did not run");
+    let metrics = std::fs::read_to_string(fp32.path().join("metrics.jsonl")).unwrap();
+    for line in metrics.lines().filter(|l| l.contains("\"loss\"")) {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        let phase = |k: &str| record["phases"][k].as_f64().unwrap_or_else(|| panic!("no phases.{k}: {line}"));
+        let sum = phase("forward_s") + phase("backward_s") + phase("update_s");
+        assert!(phase("backward_s") > 0.0 && sum <= record["step_s"].as_f64().unwrap(), "{line}");
+    }
+    let (w32, w16) =
+        (common::latest_weights(&fp32.path().join("out")), common::latest_weights(&bf16.path().join("out")));
+    // Two AdamW steps at lr 3e-5 move a weight by at most ~6e-5; bf16 gradients change the
+    // direction of some updates, never their size.
+    let diff = common::max_weight_diff(&w32, &w16);
+    assert!(diff > 0.0 && diff < 1.5e-4, "fp32 and bf16 weights differ by {diff} after 2 steps");
+}
+
 #[test]
 fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
     let run = tempfile::tempdir().unwrap();

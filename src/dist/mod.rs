@@ -149,20 +149,23 @@ pub fn timeout_from_env() -> Result<Duration> {
     Ok(Duration::from_secs(env_usize("KDMCSE_TIMEOUT")?.unwrap_or(600) as u64))
 }
 
-/// Joins the job described by the environment: a single process without `WORLD_SIZE` (or with
-/// 1), else the TCP mesh (and NCCL on top of it when `device` is a GPU), rendezvousing through the
-/// store rank 0 hosts at `MASTER_ADDR:MASTER_PORT`.
+/// Joins the job described by the environment: a single process without `WORLD_SIZE`, else the
+/// TCP mesh (and NCCL on top of it when `device` is a GPU), rendezvousing through the store rank 0
+/// hosts at `MASTER_ADDR:MASTER_PORT`. A launched world of one joins too, as under torchrun: the
+/// same backends run, whatever the number of workers.
 pub fn init_from_env(device: &candle_core::Device) -> Result<ProcessGroup> {
-    let world_size = env_usize("WORLD_SIZE")?.unwrap_or(1);
-    if world_size <= 1 {
+    let Some(world_size) = env_usize("WORLD_SIZE")? else {
         return Ok(ProcessGroup { comm: Box::new(SingleProcess), _store: None });
+    };
+    if world_size == 0 {
+        anyhow::bail!("WORLD_SIZE=0: a job needs at least one rank");
     }
     let rank = env_usize("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
     if rank >= world_size {
         anyhow::bail!("RANK={rank} is not below WORLD_SIZE={world_size}");
     }
-    let master = std::env::var("MASTER_ADDR").context("WORLD_SIZE > 1 needs MASTER_ADDR")?;
-    let port = env_usize("MASTER_PORT")?.context("WORLD_SIZE > 1 needs MASTER_PORT")?;
+    let master = std::env::var("MASTER_ADDR").context("WORLD_SIZE is set but MASTER_ADDR is not")?;
+    let port = env_usize("MASTER_PORT")?.context("WORLD_SIZE is set but MASTER_PORT is not")?;
     let timeout = timeout_from_env()?;
     // Rank 0's store lives and dies with its worker group, so keys never outlive an attempt.
     let generation = "kdmcse";

@@ -6,7 +6,7 @@
 //! hidden outputs, and LayerNorm/softmax with a backward pass. RoBERTa is the same network with
 //! positions offset past the padding index, so both share this file.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -107,7 +107,9 @@ impl Config {
     }
 }
 
-/// `x W^T + b` on the last dimension, as one 2-D matmul.
+/// `x W^T + b` on the last dimension, as one 2-D matmul in the input's dtype: the weights (fp32
+/// masters) are cast to it, differentiably, so a bf16 input makes a bf16 matmul whose weight
+/// gradients still arrive in fp32.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -129,7 +131,8 @@ impl Module for Linear {
         let in_dim = out_dims.pop().expect("linear input has a last dimension");
         out_dims.push(self.weight.dim(0)?);
         let flat = xs.reshape(((), in_dim))?;
-        flat.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?.reshape(out_dims)
+        let (weight, bias) = (self.weight.to_dtype(xs.dtype())?, self.bias.to_dtype(xs.dtype())?);
+        flat.matmul(&weight.t()?)?.broadcast_add(&bias)?.reshape(out_dims)
     }
 }
 
@@ -224,12 +227,14 @@ impl SelfAttention {
     }
 
     /// Attention of `queries` (all positions of `xs`, or a prefix of them) over all of `xs`.
+    /// Matmuls run in `compute`; the mask, softmax, residual and LayerNorm in `xs`'s dtype.
     fn forward(
         &self,
         xs: &Tensor,
         queries: &Tensor,
         mask_bias: &Tensor,
         dropout: &Dropout,
+        compute: DType,
     ) -> Result<Tensor> {
         let (batch, len, hidden) = xs.dims3()?;
         let query_len = queries.dim(1)?;
@@ -237,15 +242,17 @@ impl SelfAttention {
         let heads = |t: Tensor, len: usize| -> Result<Tensor> {
             t.reshape((batch, len, self.num_heads, head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(self.query.forward(queries)?, query_len)?;
-        let k = heads(self.key.forward(xs)?, len)?;
-        let v = heads(self.value.forward(xs)?, len)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let xs_c = xs.to_dtype(compute)?;
+        let queries_c = if query_len == len { xs_c.clone() } else { queries.to_dtype(compute)? };
+        let q = heads(self.query.forward(&queries_c)?, query_len)?;
+        let k = heads(self.key.forward(&xs_c)?, len)?;
+        let v = heads(self.value.forward(&xs_c)?, len)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?.to_dtype(xs.dtype())?;
         let probs = ops::softmax_last_dim(&scores.broadcast_add(mask_bias)?)?;
-        let probs = dropout.apply(&probs, Site::AttentionProbs(self.layer))?;
+        let probs = dropout.apply(&probs, Site::AttentionProbs(self.layer))?.to_dtype(compute)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, query_len, hidden))?;
         let out = dropout.apply(&self.output.forward(&context)?, Site::AttentionOutput(self.layer))?;
-        self.layer_norm.forward(&(out + queries)?)
+        self.layer_norm.forward(&(out.to_dtype(xs.dtype())? + queries)?)
     }
 }
 
@@ -269,15 +276,16 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor, dropout: &Dropout) -> Result<Tensor> {
-        let inner = self.intermediate.forward(xs)?;
+    /// Matmuls and the activation run in `compute`; the residual and LayerNorm in `xs`'s dtype.
+    fn forward(&self, xs: &Tensor, dropout: &Dropout, compute: DType) -> Result<Tensor> {
+        let inner = self.intermediate.forward(&xs.to_dtype(compute)?)?;
         let inner = match self.act {
             HiddenAct::Gelu => ops::gelu_erf(&inner)?,
             HiddenAct::GeluNew => inner.gelu()?,
             HiddenAct::Relu => inner.relu()?,
         };
         let out = dropout.apply(&self.output.forward(&inner)?, Site::FeedForwardOutput(self.layer))?;
-        self.layer_norm.forward(&(out + xs)?)
+        self.layer_norm.forward(&(out.to_dtype(xs.dtype())? + xs)?)
     }
 }
 
@@ -292,6 +300,8 @@ pub struct BertModel {
     embeddings: Embeddings,
     layers: Vec<Layer>,
     pub config: Config,
+    /// The dtype of the matmuls (and GELU); see [`Self::with_compute_dtype`].
+    compute_dtype: DType,
 }
 
 impl BertModel {
@@ -307,7 +317,18 @@ impl BertModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { embeddings, layers, config: config.clone() })
+        let compute_dtype = vb.dtype();
+        Ok(Self { embeddings, layers, config: config.clone(), compute_dtype })
+    }
+
+    /// Mixed precision in the manner of PyTorch's autocast: with `BF16`, every matmul (the
+    /// linear layers, and attention's scores and context) and the GELU run in bf16 on bf16 casts
+    /// of the weights, while embeddings, the residual stream, LayerNorm, the mask and softmax
+    /// stay in the weights' dtype (fp32), as do the pooled output and therefore the losses. The
+    /// casts are differentiable, so gradients reach the fp32 master weights in fp32.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
     }
 
     /// The device the weights live on.
@@ -361,8 +382,8 @@ impl BertModel {
             } else {
                 xs.clone()
             };
-            xs = layer.attention.forward(&xs, &queries, &mask_bias, dropout)?;
-            xs = layer.feed_forward.forward(&xs, dropout)?;
+            xs = layer.attention.forward(&xs, &queries, &mask_bias, dropout, self.compute_dtype)?;
+            xs = layer.feed_forward.forward(&xs, dropout, self.compute_dtype)?;
         }
         Ok(xs)
     }

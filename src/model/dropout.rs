@@ -7,7 +7,8 @@
 //! across ranks or padded, nor on RNG state that would have to be checkpointed; the two SimCSE
 //! views differ only through their keys.
 
-use candle_core::{Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Dropout for one encoder forward: off (evaluation) or on with one key per batch row.
@@ -60,7 +61,8 @@ impl Dropout {
         Self { hidden_p, attention_p, row_keys: Some(row_keys) }
     }
 
-    /// Applies the mask of `site` to `xs`, whose first dimension is the batch.
+    /// Applies the mask of `site` to `xs`, whose first dimension is the batch. The mask is made
+    /// where `xs` lives (a CUDA kernel on GPUs), identical on every device.
     pub fn apply(&self, xs: &Tensor, site: Site) -> Result<Tensor> {
         let p = if site.is_attention() { self.attention_p } else { self.hidden_p };
         let Some(keys) = self.row_keys.as_ref().filter(|_| p > 0.0) else {
@@ -70,26 +72,137 @@ impl Dropout {
         if keys.len() != rows {
             candle_core::bail!("dropout: {} row keys for a batch of {rows}", keys.len());
         }
-        let mask = mask_values(keys, site.id(), &xs.dims()[1..], p);
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        if xs.rank() > 4 || xs.dims()[1..].iter().any(|&d| d >= 1 << 20) {
+            candle_core::bail!("dropout: masks cover [batch, <= 3 dims of < 2^20], got {:?}", xs.dims());
+        }
+        let mask = xs.apply_op1_no_bwd(&Mask { keys, site: site.id(), p })?;
         xs.mul(&mask)
+    }
+}
+
+/// The mask tensor of one site, shaped and typed like its input (whose values it ignores).
+struct Mask<'a> {
+    keys: &'a [u64],
+    site: u64,
+    p: f32,
+}
+
+/// A dropped element's uniform 24-bit draw is below the threshold; kept ones are scaled.
+fn threshold_and_scale(p: f32) -> (u64, f32) {
+    ((p as f64 * (1u64 << 24) as f64).round() as u64, 1.0 / (1.0 - p))
+}
+
+/// The leading-1-padded `[d0, d1, d2]` of a row of shape `row_dims`.
+fn row_extent(row_dims: &[usize]) -> [usize; 3] {
+    let mut dims = [1usize; 3];
+    dims[3 - row_dims.len()..].copy_from_slice(row_dims);
+    dims
+}
+
+impl CustomOp1 for Mask<'_> {
+    fn name(&self) -> &'static str {
+        "dropout-mask"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mask = mask_values(self.keys, self.site, &layout.dims()[1..], self.p);
+        let storage = match storage.dtype() {
+            DType::F32 => CpuStorage::F32(mask),
+            DType::F64 => CpuStorage::F64(mask.into_iter().map(f64::from).collect()),
+            DType::BF16 => CpuStorage::BF16(mask.into_iter().map(half::bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(mask.into_iter().map(half::f16::from_f32).collect()),
+            dtype => candle_core::bail!("dropout on {dtype:?}: a float dtype is needed"),
+        };
+        Ok((storage, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::CudaStorage;
+
+        let device = storage.device();
+        let scale = threshold_and_scale(self.p).1;
+        let storage = match storage.dtype() {
+            DType::F32 => CudaStorage::wrap_cuda_slice(
+                self.cuda_mask::<f32, u32>(device, layout, "dropout_mask_32", scale.to_bits())?,
+                device.clone(),
+            ),
+            DType::F64 => CudaStorage::wrap_cuda_slice(
+                self.cuda_mask::<f64, u64>(device, layout, "dropout_mask_64", f64::from(scale).to_bits())?,
+                device.clone(),
+            ),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(
+                self.cuda_mask::<half::bf16, u16>(
+                    device,
+                    layout,
+                    "dropout_mask_16",
+                    half::bf16::from_f32(scale).to_bits(),
+                )?,
+                device.clone(),
+            ),
+            DType::F16 => CudaStorage::wrap_cuda_slice(
+                self.cuda_mask::<half::f16, u16>(
+                    device,
+                    layout,
+                    "dropout_mask_16",
+                    half::f16::from_f32(scale).to_bits(),
+                )?,
+                device.clone(),
+            ),
+            dtype => candle_core::bail!("dropout on {dtype:?}: a float dtype is needed"),
+        };
+        Ok((storage, layout.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Mask<'_> {
+    /// A new mask of `layout`'s shape from `kernel` (the one for `T`'s width), whose kept
+    /// elements get the bit pattern `kept`.
+    fn cuda_mask<T, Bits>(
+        &self,
+        device: &candle_core::CudaDevice,
+        layout: &Layout,
+        kernel: &str,
+        kept: Bits,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>>
+    where
+        T: candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+        Bits: candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+
+        let (rows, extent) = (layout.dims()[0] as u32, row_extent(&layout.dims()[1..]));
+        let [d0, d1, d2] = extent.map(|d| d as u32);
+        let n = layout.shape().elem_count();
+        let threshold = threshold_and_scale(self.p).0;
+        let keys = device.clone_htod(self.keys)?;
+        // SAFETY: the kernel writes each of the n elements.
+        let mut out = unsafe { device.alloc::<T>(n)? };
+        let kernel = crate::kernels::Kernel::load(device, crate::kernels::DROPOUT, kernel)?;
+        let mut args = kernel.args();
+        args.arg(&keys).arg(&self.site).arg(&rows).arg(&d0).arg(&d1).arg(&d2);
+        args.arg(&threshold).arg(&kept).arg(&mut out);
+        // SAFETY: the arguments follow dropout.cu's signature; `out` holds the n elements.
+        unsafe { kernel.launch(args, LaunchConfig::for_num_elems(n as u32))? };
+        Ok(out)
     }
 }
 
 /// Inverted-dropout mask values (0 or 1/(1-p)) for rows of shape `row_dims`, one key per row.
 fn mask_values(keys: &[u64], site: u64, row_dims: &[usize], p: f32) -> Vec<f32> {
-    assert!(row_dims.len() <= 3 && row_dims.iter().all(|&d| d < 1 << 20), "dropout: row shape {row_dims:?}");
     let per_row: usize = row_dims.iter().product();
-    let scale = 1.0 / (1.0 - p);
-    // Keep an element when its 24-bit uniform draw is at least p.
-    let threshold = (p as f64 * (1u64 << 24) as f64).round() as u64;
+    let (threshold, scale) = threshold_and_scale(p);
+    let dims = row_extent(row_dims);
     let mut mask = vec![0f32; keys.len() * per_row];
     mask.par_chunks_mut(per_row.max(1)).zip(keys.par_iter()).for_each(|(row, &key)| {
         let row_key = mix(key ^ mix(site));
         // Coordinates packed 20 bits each (innermost lowest): the same element gets the same
         // draw whatever the extent of the other dimensions.
-        let mut dims = [1usize; 3];
-        dims[3 - row_dims.len()..].copy_from_slice(row_dims);
         let mut out = row.iter_mut();
         for a in 0..dims[0] as u64 {
             for b in 0..dims[1] as u64 {
@@ -135,6 +248,48 @@ mod tests {
         assert_eq!(&all[3 * 64..], &last_alone[..]);
         let other_view = mask_values(&[example_key(7, 3, 3, 0)], 5, &[64], 0.1);
         assert_ne!(last_alone, other_view);
+    }
+
+    /// dropout.cu, compiled for the host, gives `mask_values` bit for bit: the GPU kernel's
+    /// arithmetic is checked without a GPU.
+    #[test]
+    fn cuda_kernel_computes_the_cpu_masks() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = crate::kernels::host::compile(
+            dir.path(),
+            crate::kernels::DROPOUT,
+            r#"int main(int argc, char **argv) {
+    u64 site = strtoull(argv[1], 0, 10), threshold = strtoull(argv[6], 0, 10);
+    unsigned rows = atoi(argv[2]), d0 = atoi(argv[3]), d1 = atoi(argv[4]), d2 = atoi(argv[5]);
+    unsigned kept = strtoul(argv[7], 0, 10);
+    std::vector<u64> keys;
+    for (int i = 8; i < argc; i++) keys.push_back(strtoull(argv[i], 0, 10));
+    std::vector<unsigned> out((size_t)rows * d0 * d1 * d2);
+    dropout_mask_32(keys.data(), site, rows, d0, d1, d2, threshold, kept, out.data());
+    for (unsigned v : out) printf("%u\n", v);
+}"#,
+        );
+        let keys: Vec<u64> = (0..3).map(|i| example_key(1234, 5, i, i % 2)).collect();
+        for (row_dims, p, site) in [(vec![2, 5, 7], 0.1, 14), (vec![6, 40], 0.5, 3), (vec![9], 0.1, 1)] {
+            let (threshold, scale) = threshold_and_scale(p);
+            let extent = row_extent(&row_dims);
+            let out = std::process::Command::new(&exe)
+                .arg(site.to_string())
+                .arg(keys.len().to_string())
+                .args(extent.map(|d| d.to_string()))
+                .arg(threshold.to_string())
+                .arg(scale.to_bits().to_string())
+                .args(keys.iter().map(u64::to_string))
+                .output()
+                .unwrap();
+            let gpu: Vec<f32> = String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| f32::from_bits(l.parse().unwrap()))
+                .collect();
+            let cpu = mask_values(&keys, site, &row_dims, p);
+            assert_eq!(gpu, cpu, "{row_dims:?}, p {p}");
+        }
     }
 
     #[test]

@@ -152,6 +152,31 @@ pub struct TrainingConfig {
     pub eval_steps: usize,
     /// `cpu` or `cuda:N` (`cuda` alone means this process's LOCAL_RANK).
     pub device: String,
+    /// The encoder's matmul precision: `"fp32"`, or `"bf16"` (autocast-style mixed precision:
+    /// bf16 matmuls, fp32 master weights, LayerNorm, softmax, losses and optimiser).
+    pub precision: Precision,
+    /// Let fp32 matmuls on CUDA use TF32 tensor cores (PyTorch's `allow_tf32`); no effect on CPU.
+    pub tf32: bool,
+    /// Time forward, backward and update separately in the metrics (`phases`); on a GPU this
+    /// waits for the device between them, which costs a little.
+    pub phase_timings: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype the encoder's matmuls run in.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::Fp32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 impl Default for TrainingConfig {
@@ -171,6 +196,9 @@ impl Default for TrainingConfig {
             grad_accum: 1,
             eval_steps: 125,
             device: "cpu".into(),
+            precision: Precision::Fp32,
+            tf32: false,
+            phase_timings: false,
         }
     }
 }

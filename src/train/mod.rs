@@ -30,7 +30,7 @@ use crate::loss::{Grounding, Objective};
 use crate::model::dropout::{example_key, Dropout};
 use crate::model::heads::Heads;
 use crate::model::{self, BertModel};
-pub use config::TrainConfig;
+pub use config::{Precision, TrainConfig};
 use optim::{AdamW, AdamWConfig};
 
 /// Names of a checkpoint's parts.
@@ -153,6 +153,18 @@ struct StepMetrics {
     step_s: f64,
     /// Seconds of the step spent in collectives (gathers, gradient all-reduce).
     comm_s: f64,
+    /// Where the step's time went, with `train.phase_timings` on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phases: Option<Phases>,
+}
+
+/// Seconds of one step by phase: forward (tokenising included), backward, and the update
+/// (gradient all-reduce, clipping, AdamW); each ends with a device synchronisation.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Phases {
+    forward_s: f64,
+    backward_s: f64,
+    update_s: f64,
 }
 
 pub struct Trainer<'c> {
@@ -261,7 +273,10 @@ impl<'c> Trainer<'c> {
         )?;
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let encoder = BertModel::load(vb.pp("encoder"), &encoder_config)
-            .with_context(|| format!("{}: weights do not fit config.json", model_dir.display()))?;
+            .with_context(|| format!("{}: weights do not fit config.json", model_dir.display()))?
+            .with_compute_dtype(cfg.train.precision.compute_dtype());
+        // A process-wide cuBLAS switch (a no-op without CUDA).
+        candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.tf32);
         let heads = Heads::load(vb.pp("heads"), h, k, teacher_dim)?;
         let max_len = cfg.model.max_len.min(encoder_config.max_tokens());
         let pad_id = encoder_config.pad_token_id as u32;
@@ -469,6 +484,7 @@ impl<'c> Trainer<'c> {
     /// Forward and backward of one micro-batch; returns the loss terms and the gradients in the
     /// optimiser's parameter order (already divided by `grad_accum`).
     fn micro_step(&mut self) -> Result<(StepMetrics, Vec<Option<Tensor>>)> {
+        let started = Instant::now();
         let t = &self.cfg.train;
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let micro = self.state.micro_step;
@@ -538,8 +554,11 @@ impl<'c> Trainer<'c> {
                 self.objective.compute(&z1, &z2, Some(&g), 0)?
             }
         };
+        let forward_s = self.phase_end(started)?;
+        let backward_started = Instant::now();
         let scaled = (&terms.total / t.grad_accum as f64)?;
         let grads = scaled.backward()?;
+        let backward_s = self.phase_end(backward_started)?;
         let grads = self.optimizer.params().map(|(_, var)| grads.get(var.as_tensor()).cloned()).collect();
         self.state.micro_step += 1;
         let metrics = StepMetrics {
@@ -554,6 +573,7 @@ impl<'c> Trainer<'c> {
             sentences_per_s: 0.0,
             step_s: 0.0,
             comm_s: 0.0,
+            phases: self.cfg.train.phase_timings.then_some(Phases { forward_s, backward_s, update_s: 0.0 }),
         };
         Ok((metrics, grads))
     }
@@ -580,6 +600,7 @@ impl<'c> Trainer<'c> {
                     .collect::<Result<_>>()?,
             });
         }
+        let update_started = Instant::now();
         let mut grads = crate::dist::all_reduce_grads(self.comm, total.expect("grad_accum >= 1"))?;
         let grad_norm = optim::clip_global_norm(&mut grads, self.cfg.train.grad_clip)?;
         let lr = self.cfg.train.lr
@@ -589,6 +610,7 @@ impl<'c> Trainer<'c> {
                 self.total_steps() as usize,
             );
         self.optimizer.step(&grads, lr)?;
+        let update_s = self.phase_end(update_started)?;
         self.state.step += 1;
         // With accumulation, the mean of the micro-batches' losses (the kind is the first's).
         let n = metrics.len() as f64;
@@ -599,6 +621,14 @@ impl<'c> Trainer<'c> {
         out.loss_grounding =
             (!grounding.is_empty()).then(|| grounding.iter().sum::<f64>() / grounding.len() as f64);
         out.masked_negatives = metrics.iter().map(|m| m.masked_negatives).sum();
+        out.phases = out.phases.map(|_| {
+            let mut total = Phases { update_s, ..Phases::default() };
+            for p in metrics.iter().filter_map(|m| m.phases) {
+                total.forward_s += p.forward_s;
+                total.backward_s += p.backward_s;
+            }
+            total
+        });
         out.lr = lr;
         out.grad_norm = grad_norm;
         let sentences = (self.cfg.train.batch_size * accum * self.comm.world_size()) as f64;
@@ -606,6 +636,16 @@ impl<'c> Trainer<'c> {
         out.sentences_per_s = sentences / out.step_s;
         out.comm_s = (self.comm.time_in_collectives() - comm_before).as_secs_f64();
         Ok(out)
+    }
+
+    /// Seconds since `start`, after waiting for the device when phases are timed (GPU work is
+    /// asynchronous); 0 when they are not.
+    fn phase_end(&self, start: Instant) -> Result<f64> {
+        if !self.cfg.train.phase_timings {
+            return Ok(0.0);
+        }
+        self.device.synchronize()?;
+        Ok(start.elapsed().as_secs_f64())
     }
 
     /// Writes a checkpoint of the current state: every rank's state reaches rank 0 through the

@@ -67,7 +67,8 @@ impl AdamW {
                 eps: self.config.eps,
                 decay,
             };
-            let fused = slot.var.device().is_cpu() && slot.var.dtype() == DType::F32;
+            let device = slot.var.device();
+            let fused = (device.is_cpu() || device.is_cuda()) && slot.var.dtype() == DType::F32;
             if fused {
                 // Three passes over memory, no temporaries.
                 let g = g.contiguous()?;
@@ -152,6 +153,49 @@ impl InplaceOp2 for Lerp {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let kernel = crate::kernels::Kernel::load(&s1.device, crate::kernels::ADAMW, "adamw_moment")?;
+        let [rx, rg] = ranges([l1, l2], self.name())?;
+        let n = rx.len() as u32;
+        let mut x = s1.as_cuda_slice_mut::<f32>()?.slice_mut(rx);
+        let g = s2.as_cuda_slice::<f32>()?.slice(rg);
+        let (keep, take, square) = (self.keep as f32, (1.0 - self.keep) as f32, i32::from(self.square));
+        let mut args = kernel.args();
+        args.arg(&mut x).arg(&g).arg(&n).arg(&keep).arg(&take).arg(&square);
+        // SAFETY: the arguments follow adamw.cu's adamw_moment; both ranges hold n elements.
+        unsafe { kernel.launch(args, LaunchConfig::for_num_elems(n)) }
+    }
+}
+
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+
+/// The contiguous element range of each operand of an in-place op, all of one size.
+#[cfg(feature = "cuda")]
+fn ranges<const N: usize>(
+    layouts: [&Layout; N],
+    op: &str,
+) -> candle_core::Result<[std::ops::Range<usize>; N]> {
+    let mut out = std::array::from_fn(|_| 0..0);
+    for (range, layout) in out.iter_mut().zip(layouts) {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: operands must be contiguous")))?;
+        *range = start..end;
+    }
+    if out.iter().any(|r| r.len() != out[0].len()) {
+        candle_core::bail!("{op}: operands of different sizes {out:?}");
+    }
+    Ok(out)
 }
 
 /// `p = decay * p - step_size * m / (sqrt(v / bias_correction2) + eps)`, in place.
@@ -188,6 +232,31 @@ impl InplaceOp3 for AdamUpdate {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let kernel = crate::kernels::Kernel::load(&s1.device, crate::kernels::ADAMW, "adamw_update")?;
+        let [rp, rm, rv] = ranges([l1, l2, l3], self.name())?;
+        let n = rp.len() as u32;
+        let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(rp);
+        let m = s2.as_cuda_slice::<f32>()?.slice(rm);
+        let v = s3.as_cuda_slice::<f32>()?.slice(rv);
+        let (step, bc2, eps, decay) =
+            (self.step_size as f32, self.bias_correction2 as f32, self.eps as f32, self.decay as f32);
+        let mut args = kernel.args();
+        args.arg(&mut p).arg(&m).arg(&v).arg(&n).arg(&step).arg(&bc2).arg(&eps).arg(&decay);
+        // SAFETY: the arguments follow adamw.cu's adamw_update; all ranges hold n elements.
+        unsafe { kernel.launch(args, LaunchConfig::for_num_elems(n)) }
+    }
 }
 
 /// Linear warm-up from 0 to 1 over `warmup` steps, then linear decay to 0 at `total` (the
@@ -201,11 +270,16 @@ pub fn linear_schedule(step: usize, warmup: usize, total: usize) -> f64 {
 
 /// The global L2 norm of all gradients.
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut sum = 0.0;
-    for g in grads.iter().flatten() {
-        sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    // Per-tensor sums stay on the device; one read at the end (a GPU waits once, not per tensor).
+    let sums: Vec<Tensor> = grads
+        .iter()
+        .flatten()
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<_>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
-    Ok(sum.sqrt())
+    Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
 /// Scales gradients so their global norm is at most `max_norm` (as `clip_grad_norm_`); returns
@@ -262,6 +336,78 @@ mod tests {
         for i in 0..2 {
             assert!((ours[i] - p[i]).abs() < tol, "{dtype:?}: {ours:?} vs {p:?}");
         }
+    }
+
+    /// adamw.cu, compiled for the host, updates moments and parameters exactly as the CPU
+    /// kernels do (the GPU may fuse multiply-adds: that is its only licence to differ).
+    #[test]
+    fn cuda_kernels_compute_the_cpu_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = crate::kernels::host::compile(
+            dir.path(),
+            crate::kernels::ADAMW,
+            r#"static float arg(char *s) { unsigned u = strtoul(s, 0, 10); float f; memcpy(&f, &u, 4); return f; }
+static void print(const std::vector<float> &xs) {
+    for (float f : xs) { unsigned u; memcpy(&u, &f, 4); printf("%u\n", u); }
+}
+// argv: n, then p, m, v, g (n each), then keep1, take1, keep2, take2, step, bc2, eps, decay.
+int main(int argc, char **argv) {
+    unsigned n = atoi(argv[1]);
+    std::vector<float> p(n), m(n), v(n), g(n);
+    for (unsigned i = 0; i < n; i++) {
+        p[i] = arg(argv[2 + i]); m[i] = arg(argv[2 + n + i]);
+        v[i] = arg(argv[2 + 2 * n + i]); g[i] = arg(argv[2 + 3 * n + i]);
+    }
+    char **h = argv + 2 + 4 * n;
+    adamw_moment(m.data(), g.data(), n, arg(h[0]), arg(h[1]), 0);
+    adamw_moment(v.data(), g.data(), n, arg(h[2]), arg(h[3]), 1);
+    adamw_update(p.data(), m.data(), v.data(), n, arg(h[4]), arg(h[5]), arg(h[6]), arg(h[7]));
+    print(p); print(m); print(v);
+}"#,
+        );
+        let n = 37;
+        let values = |seed: f32, positive: bool| -> Vec<f32> {
+            (0..n)
+                .map(|i| (seed * (i as f32 + 1.0)).sin() * if positive { 1e-3 } else { 1.0 })
+                .map(|x| if positive { x.abs() } else { x })
+                .collect()
+        };
+        let (p, m, v, g) = (values(0.7, false), values(1.3, false), values(2.9, true), values(0.4, false));
+        let update = AdamUpdate {
+            step_size: 3e-5 / (1.0 - 0.9f64.powi(3)),
+            bias_correction2: 1.0 - 0.999f64.powi(3),
+            eps: 1e-8,
+            decay: 1.0 - 3e-5 * 0.01,
+        };
+        let consts = [
+            0.9,
+            0.1,
+            0.999,
+            1.0 - 0.999,
+            update.step_size,
+            update.bias_correction2,
+            update.eps,
+            update.decay,
+        ];
+        let out = std::process::Command::new(&exe)
+            .arg(n.to_string())
+            .args([&p, &m, &v, &g].into_iter().flatten().map(|x| x.to_bits().to_string()))
+            .args(consts.map(|c| (c as f32).to_bits().to_string()))
+            .output()
+            .unwrap();
+        let host: Vec<f32> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| f32::from_bits(l.parse().unwrap()))
+            .collect();
+
+        let cpu = |xs: &[f32]| Tensor::new(xs, &Device::Cpu).unwrap();
+        let (pt, mt, vt, gt) = (cpu(&p), cpu(&m), cpu(&v), cpu(&g));
+        mt.inplace_op2(&gt, &Lerp { keep: 0.9, square: false }).unwrap();
+        vt.inplace_op2(&gt, &Lerp { keep: 0.999, square: true }).unwrap();
+        pt.inplace_op3(&mt, &vt, &update).unwrap();
+        let expected: Vec<f32> = [pt, mt, vt].iter().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect();
+        assert_eq!(host, expected);
     }
 
     #[test]

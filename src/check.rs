@@ -1,0 +1,227 @@
+//! Self-checks of a machine: its collectives with every rank's expected results, and its device's
+//! dropout masks and encoder (forward and gradients) against the CPU reference. `kdmcse check`
+//! runs them (scripts/device-check.sh on a GPU, with NCCL); the tests run them on CPU over the
+//! TCP backend.
+
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::Serialize;
+
+use crate::data::{TokenBatch, Tokenizer};
+use crate::dist::{self, Communicator};
+use crate::model::dropout::{example_key, Dropout, Site};
+use crate::model::{self, BertModel, Pooling};
+
+/// One check's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+impl Check {
+    /// Passes when `diff` (a maximum absolute or relative difference) is at most `tolerance`.
+    fn within(name: impl Into<String>, diff: f64, tolerance: f64) -> Self {
+        Self {
+            name: name.into(),
+            passed: diff <= tolerance,
+            detail: format!("max diff {diff:.3e} (tolerance {tolerance:.0e})"),
+        }
+    }
+
+    fn equal(name: impl Into<String>, diff: f64) -> Self {
+        Self { name: name.into(), passed: diff == 0.0, detail: format!("max |diff| {diff:.3e}") }
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+}
+
+/// `values` as an f32 tensor of `shape` on `device`.
+fn tensor(values: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(values, shape, device)?)
+}
+
+/// Every collective of [`Communicator`] and the trainer's helpers on top of them, on tensors of
+/// `device`, each compared exactly with what this rank must receive (small integers, exact in
+/// f32 and bf16).
+pub fn collectives(comm: &dyn Communicator, device: &Device) -> Result<Vec<Check>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut checks = Vec::new();
+
+    let local = tensor((0..6).map(|i| (rank * 6 + i) as f32).collect(), &[2, 3], device)?;
+    let expected = tensor((0..6 * world).map(|i| i as f32).collect(), &[2 * world, 3], device)?;
+    checks.push(Check::equal("all_gather", max_abs_diff(&comm.all_gather(&local)?, &expected)?));
+
+    // A few MB, so the backends move more than one packet or chunk.
+    let n = 1 << 20;
+    let pattern = |scale: usize| (0..n).map(move |i| (scale * (i % 7)) as f32).collect::<Vec<_>>();
+    let summed = comm.all_reduce_sum(&tensor(pattern(rank + 1), &[n], device)?)?;
+    let expected = tensor(pattern(world * (world + 1) / 2), &[n], device)?;
+    checks.push(Check::equal("all_reduce_sum", max_abs_diff(&summed, &expected)?));
+
+    let bf16 = tensor(pattern(rank + 1), &[n], device)?.to_dtype(DType::BF16)?;
+    let summed = comm.all_reduce_sum(&bf16)?;
+    let dtype_kept = summed.dtype() == DType::BF16;
+    let mut check = Check::equal("all_reduce_sum_bf16", max_abs_diff(&summed, &expected)?);
+    check.passed &= dtype_kept;
+    checks.push(check);
+
+    let mut roots = vec![0, world - 1];
+    roots.dedup();
+    for root in roots {
+        let mine = Tensor::full(rank as f32, (4, 5), device)?;
+        let got = comm.broadcast(&mine, root)?;
+        let name = format!("broadcast_from_{root}");
+        checks.push(Check::equal(name, max_abs_diff(&got, &Tensor::full(root as f32, (4, 5), device)?)?));
+    }
+
+    let bytes = comm.all_gather_bytes(format!("rank {rank}").as_bytes())?;
+    let expected: Vec<Vec<u8>> = (0..world).map(|r| format!("rank {r}").into_bytes()).collect();
+    checks.push(Check {
+        name: "all_gather_bytes".into(),
+        passed: bytes == expected,
+        detail: format!("{} messages", bytes.len()),
+    });
+
+    // Gradient all-reduce: one small, one missing and one bucket-overflowing gradient.
+    let big = 7 << 20;
+    let grads = vec![
+        Some(Tensor::full((rank + 1) as f32, (3, 4), device)?),
+        None,
+        Some(Tensor::full((rank + 1) as f32, big, device)?),
+    ];
+    let reduced = dist::all_reduce_grads(comm, grads)?;
+    let total = (world * (world + 1) / 2) as f32;
+    let passed = reduced[1].is_none()
+        && max_abs_diff(reduced[0].as_ref().expect("kept"), &Tensor::full(total, (3, 4), device)?)? == 0.0
+        && max_abs_diff(reduced[2].as_ref().expect("kept"), &Tensor::full(total, big, device)?)? == 0.0;
+    checks.push(Check {
+        name: "all_reduce_grads".into(),
+        passed,
+        detail: format!("{} + {big} elements", 12),
+    });
+
+    // Global negatives: the gathered batch's gradient reaches this rank's rows only.
+    let local = Var::from_tensor(&Tensor::full(rank as f32, (2, 3), device)?)?;
+    let gathered = dist::gather_with_local_grad(comm, local.as_tensor())?;
+    let weights = tensor((0..6 * world).map(|i| i as f32).collect(), &[2 * world, 3], device)?;
+    let grads = (&gathered * &weights)?.sum_all()?.backward()?;
+    let grad = grads.get(local.as_tensor()).expect("the local rows get a gradient");
+    let rows = weights.narrow(0, 2 * rank, 2)?;
+    // Rows 2r and 2r + 1 come from rank r, filled with r.
+    let expected = tensor((0..6 * world).map(|i| (i / 6) as f32).collect(), &[2 * world, 3], device)?;
+    let values = max_abs_diff(&gathered, &expected)?;
+    checks.push(Check::equal("gather_with_local_grad", max_abs_diff(grad, &rows)?.max(values)));
+
+    comm.barrier()?;
+    checks.push(Check { name: "barrier".into(), passed: true, detail: format!("{world} ranks") });
+    Ok(checks)
+}
+
+/// Dropout masks made on `device` equal the CPU's, for attention- and hidden-shaped inputs in
+/// fp32 and bf16.
+pub fn dropout_masks(device: &Device) -> Result<Vec<Check>> {
+    let keys: Vec<u64> = (0..6).map(|i| example_key(1234, 7, i, i % 2)).collect();
+    let dropout = Dropout::per_example(0.1, 0.1, keys);
+    let mut checks = Vec::new();
+    for (site, shape) in
+        [(Site::AttentionProbs(3), vec![6, 12, 33, 33]), (Site::FeedForwardOutput(11), vec![6, 33, 768])]
+    {
+        for dtype in [DType::F32, DType::BF16] {
+            let ones = |d: &Device| Tensor::ones(shape.as_slice(), dtype, d);
+            let on_device = dropout.apply(&ones(device)?, site)?;
+            let on_cpu = dropout.apply(&ones(&Device::Cpu)?, site)?;
+            let name = format!("dropout_mask_{site:?}_{dtype:?}").to_lowercase();
+            checks.push(Check::equal(name, max_abs_diff(&on_device, &on_cpu)?));
+        }
+    }
+    Ok(checks)
+}
+
+/// A trainable copy of the encoder of `dir` on `device` (its weights as variables).
+fn trainable_encoder(dir: &Path, device: &Device, compute: DType) -> Result<(VarMap, BertModel)> {
+    let config = model::load_config(dir)?;
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for (name, tensor) in model::load_encoder_weights(dir, &config, device)? {
+            data.insert(name, Var::from_tensor(&tensor)?);
+        }
+    }
+    let encoder = BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, device), &config)?
+        .with_compute_dtype(compute);
+    Ok((varmap, encoder))
+}
+
+/// The encoder of `dir` in training mode (dropout on) on `device` against the CPU: CLS
+/// embeddings and every weight's gradient of a fixed projection of them. Both sides run the same
+/// precision, so only summation order (and, for bf16, the rounding it shifts) separates them.
+pub fn encoder(dir: &Path, device: &Device, compute: DType) -> Result<Vec<Check>> {
+    let config = model::load_config(dir)?;
+    let tokenizer = Tokenizer::from_dir(dir, 32, config.pad_token_id as u32)?;
+    let sentences = [
+        "A man is playing a guitar on the street.",
+        "Two dogs run across a snowy field.",
+        "The committee postponed its decision until next spring, citing budget concerns.",
+        "Hi.",
+    ];
+    let keys: Vec<u64> = (0..sentences.len() as u64).map(|i| example_key(1234, 0, i, 0)).collect();
+    let dropout = Dropout::per_example(
+        config.hidden_dropout_prob as f32,
+        config.attention_probs_dropout_prob as f32,
+        keys,
+    );
+    let probe = Tensor::randn(0f32, 1.0, (sentences.len(), config.hidden_size), &Device::Cpu)?;
+    let run = |device: &Device| -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        let (varmap, encoder) = trainable_encoder(dir, device, compute)?;
+        let batch: TokenBatch = tokenizer.batch(&sentences, device)?;
+        let cls = encoder.embed(
+            &batch.input_ids,
+            &batch.token_type_ids,
+            &batch.attention_mask,
+            &dropout,
+            Pooling::Cls,
+        )?;
+        let grads = (&cls * probe.to_device(device)?)?.sum_all()?.backward()?;
+        let mut weight_grads: Vec<(String, Tensor)> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name.clone(), g.clone())))
+            .collect();
+        weight_grads.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((cls, weight_grads))
+    };
+    let (cls_dev, grads_dev) = run(device)?;
+    let (cls_cpu, grads_cpu) = run(&Device::Cpu)?;
+    let (forward_tol, grad_tol) = if compute == DType::F32 { (1e-4, 1e-3) } else { (5e-2, 5e-2) };
+    let tag = format!("{compute:?}").to_lowercase();
+    let mut checks =
+        vec![Check::within(format!("encoder_forward_{tag}"), max_abs_diff(&cls_dev, &cls_cpu)?, forward_tol)];
+    // Gradients relative to each tensor's largest CPU gradient; the worst tensor is reported.
+    let mut worst = (0.0f64, String::new());
+    for ((name, g_dev), (_, g_cpu)) in grads_dev.iter().zip(&grads_cpu) {
+        let scale = g_cpu.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+        let rel = max_abs_diff(g_dev, g_cpu)? / scale.max(1e-12);
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
+    }
+    let mut check = Check::within(format!("encoder_gradients_{tag}"), worst.0, grad_tol);
+    check.passed &= grads_dev.len() == grads_cpu.len() && !grads_cpu.is_empty();
+    check.detail = format!("{} tensors; {}", grads_cpu.len(), check.detail);
+    if !worst.1.is_empty() {
+        check.detail += &format!(", worst {}", worst.1);
+    }
+    checks.push(check);
+    Ok(checks)
+}
