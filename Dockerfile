@@ -1,11 +1,14 @@
 # The training image: kdmcse and kdmcse-launch built with the `cuda` feature on a CUDA base.
 #   docker build -t ghcr.io/<you>/kdmcse:0.1.0 --build-arg CUDA_COMPUTE_CAP=90 .
 # (Needs a Docker engine; none runs on the development machines.)
-ARG CUDA_VERSION=12.8.1
+# CUDA 13.0, as scripts/build-cuda.sh pins (driver 580 or newer on the nodes).
+ARG CUDA_VERSION=13.0.1
 
 FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04 AS build
 ARG CUDA_COMPUTE_CAP=90
-RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential pkg-config \
+# libnccl-dev: candle links NCCL (and the other CUDA libraries) dynamically; the devel image's
+# lib64/stubs/libcuda.so stands in for the driver at link time.
+RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential pkg-config libnccl-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
 ENV PATH=/root/.cargo/bin:$PATH CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}

@@ -48,13 +48,7 @@ fn main() -> anyhow::Result<()> {
     let batch_sentences: Vec<&str> = wiki.lines().take(64).collect();
     let config = model::load_config(&model_dir)?;
     let varmap = VarMap::new();
-    {
-        let weights = model::load_encoder_weights(&model_dir, &config, &device)?;
-        let mut data = varmap.data().lock().unwrap();
-        for (name, tensor) in weights {
-            data.insert(format!("encoder.{name}"), candle_core::Var::from_tensor(&tensor)?);
-        }
-    }
+    model::load_encoder_vars(&varmap, "encoder.", &model_dir, &config, &device)?;
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let student = BertModel::load(vb.pp("encoder"), &config)?;
     let heads = Heads::load(vb.pp("heads"), config.hidden_size, 256, 768)?;

@@ -150,12 +150,7 @@ pub fn dropout_masks(device: &Device) -> Result<Vec<Check>> {
 fn trainable_encoder(dir: &Path, device: &Device, compute: DType) -> Result<(VarMap, BertModel)> {
     let config = model::load_config(dir)?;
     let varmap = VarMap::new();
-    {
-        let mut data = varmap.data().lock().expect("varmap lock");
-        for (name, tensor) in model::load_encoder_weights(dir, &config, device)? {
-            data.insert(name, Var::from_tensor(&tensor)?);
-        }
-    }
+    model::load_encoder_vars(&varmap, "", dir, &config, device)?;
     let encoder = BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, device), &config)?
         .with_compute_dtype(compute);
     Ok((varmap, encoder))

@@ -95,19 +95,40 @@ extern "C" __global__ void layer_norm_backward_input(const float *x, const float
     }
 }
 
-// dweight = sum over rows of grad * xhat, dbias = sum of grad: one thread per column, rows in
-// order (deterministic). `stats` holds each row's mean and rstd (2 floats a row).
+// dweight = sum over rows of grad * xhat, dbias = sum of grad, in two deterministic stages like
+// the CPU code: per chunk of `chunk_rows` rows (rows in order) into `partial` ([2, chunks, dim]),
+// then the chunks in order. `stats` holds each row's mean and rstd (2 floats a row).
 extern "C" __global__ void layer_norm_backward_params(const float *x, const float *grad,
-                                                      const float *stats, float *dweight,
-                                                      float *dbias, unsigned int rows,
-                                                      unsigned int dim) {
+                                                      const float *stats, float *partial,
+                                                      unsigned int rows, unsigned int dim,
+                                                      unsigned int chunk_rows) {
+    const unsigned int chunks = (rows + chunk_rows - 1) / chunk_rows;
+    const size_t n = (size_t)chunks * dim;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const unsigned int col = i % dim, chunk = i / dim;
+        const unsigned int end = (chunk + 1) * chunk_rows < rows ? (chunk + 1) * chunk_rows : rows;
+        float dw = 0.0f, db = 0.0f;
+        for (unsigned int row = chunk * chunk_rows; row < end; row++) {
+            const size_t at = (size_t)row * dim + col;
+            dw += grad[at] * ((x[at] - stats[2 * row]) * stats[2 * row + 1]);
+            db += grad[at];
+        }
+        partial[i] = dw;
+        partial[n + i] = db;
+    }
+}
+
+extern "C" __global__ void layer_norm_backward_params_sum(const float *partial, float *dweight,
+                                                          float *dbias, unsigned int chunks,
+                                                          unsigned int dim) {
+    const size_t n = (size_t)chunks * dim;
     for (unsigned int col = blockIdx.x * blockDim.x + threadIdx.x; col < dim;
          col += gridDim.x * blockDim.x) {
         float dw = 0.0f, db = 0.0f;
-        for (unsigned int row = 0; row < rows; row++) {
-            const size_t at = (size_t)row * dim + col;
-            dw += grad[at] * (x[at] - stats[2 * row]) * stats[2 * row + 1];
-            db += grad[at];
+        for (unsigned int c = 0; c < chunks; c++) {
+            dw += partial[(size_t)c * dim + col];
+            db += partial[n + (size_t)c * dim + col];
         }
         dweight[col] = dw;
         dbias[col] = db;

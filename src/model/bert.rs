@@ -248,7 +248,7 @@ impl SelfAttention {
         let k = heads(self.key.forward(&xs_c)?, len)?;
         let v = heads(self.value.forward(&xs_c)?, len)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?.to_dtype(xs.dtype())?;
-        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask_bias)?)?;
+        let probs = ops::softmax_last_dim(&ops::add_constant(&scores, mask_bias)?)?;
         let probs = dropout.apply(&probs, Site::AttentionProbs(self.layer))?.to_dtype(compute)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, query_len, hidden))?;
         let out = dropout.apply(&self.output.forward(&context)?, Site::AttentionOutput(self.layer))?;

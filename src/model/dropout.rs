@@ -76,7 +76,7 @@ impl Dropout {
             candle_core::bail!("dropout: masks cover [batch, <= 3 dims of < 2^20], got {:?}", xs.dims());
         }
         let mask = xs.apply_op1_no_bwd(&Mask { keys, site: site.id(), p })?;
-        xs.mul(&mask)
+        super::ops::mul_constant(xs, &mask)
     }
 }
 

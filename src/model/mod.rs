@@ -99,6 +99,23 @@ pub fn load_encoder_weights(
     Ok(weights)
 }
 
+/// Adds the encoder weights of a model folder to `varmap` as trainable variables named
+/// `{prefix}{key}` (keys as [`load_encoder_weights`] gives them).
+pub fn load_encoder_vars(
+    varmap: &candle_nn::VarMap,
+    prefix: &str,
+    dir: &Path,
+    config: &Config,
+    device: &Device,
+) -> anyhow::Result<()> {
+    let weights = load_encoder_weights(dir, config, device)?;
+    let mut data = varmap.data().lock().expect("varmap lock");
+    for (name, tensor) in weights {
+        data.insert(format!("{prefix}{name}"), candle_core::Var::from_tensor(&tensor)?);
+    }
+    Ok(())
+}
+
 /// Loads a model folder's encoder for inference (weights as constants, no autograd graph).
 pub fn load_encoder(dir: &Path, device: &Device) -> anyhow::Result<BertModel> {
     let config = load_config(dir)?;

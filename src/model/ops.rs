@@ -50,6 +50,87 @@ pub fn layer_norm_composed(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
+/// `xs + constant`, the constant broadcast to `xs`'s shape, with no gradient for the constant
+/// (an attention mask).
+pub fn add_constant(xs: &Tensor, constant: &Tensor) -> Result<Tensor> {
+    xs.apply_op2(&constant.broadcast_as(xs.shape())?, WithConstant::Add)
+}
+
+/// `xs * constant`, the constant broadcast to `xs`'s shape, with no gradient for the constant
+/// (a dropout mask).
+pub fn mul_constant(xs: &Tensor, constant: &Tensor) -> Result<Tensor> {
+    xs.apply_op2(&constant.broadcast_as(xs.shape())?, WithConstant::Mul)
+}
+
+/// A binary op whose second operand is a constant. candle's own binary ops compute, zero-fill
+/// and accumulate a gradient for both operands, which for a mask is three wasted passes over
+/// it per backward; here the backward only touches `xs`'s gradient. Forward: candle's kernels.
+#[derive(Debug, Clone, Copy)]
+enum WithConstant {
+    Add,
+    Mul,
+}
+
+impl WithConstant {
+    fn apply<S: candle_core::backend::BackendStorage>(
+        self,
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+    ) -> Result<(S, Shape)> {
+        let out = match self {
+            WithConstant::Add => s1.binary_impl::<candle_core::op::Add>(s2, l1, l2)?,
+            WithConstant::Mul => s1.binary_impl::<candle_core::op::Mul>(s2, l1, l2)?,
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for WithConstant {
+    fn name(&self) -> &'static str {
+        match self {
+            WithConstant::Add => "kdmcse-add-constant",
+            WithConstant::Mul => "kdmcse-mul-constant",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.apply(s1, l1, s2, l2)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.apply(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _xs: &Tensor,
+        constant: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = match self {
+            WithConstant::Add => grad.clone(),
+            WithConstant::Mul => grad.mul(constant)?,
+        };
+        Ok((Some(dx), None))
+    }
+}
+
 /// The contiguous f32 data of a CPU custom op's input.
 pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match storage {
@@ -136,7 +217,7 @@ impl CustomOp1 for GeluErf {
         let (func, n32) = (cuda::kernel(&storage.device, "gelu_erf")?, n as u32);
         let mut args = func.args();
         args.arg(&x).arg(&mut y).arg(&n32);
-        // SAFETY: the arguments follow the kernel\'s signature in ops.cu; buffers hold its elements.
+        // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
         unsafe { func.launch(args, cuda::elementwise(n))? };
         Ok((cuda::output(y, &storage.device), layout.shape().clone()))
     }
@@ -191,7 +272,7 @@ impl CustomOp2 for GeluErfBackward {
         let (func, n32) = (cuda::kernel(&s1.device, "gelu_erf_backward")?, n as u32);
         let mut args = func.args();
         args.arg(&x).arg(&g).arg(&mut dx).arg(&n32);
-        // SAFETY: the arguments follow the kernel\'s signature in ops.cu; buffers hold its elements.
+        // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
         unsafe { func.launch(args, cuda::elementwise(n))? };
         Ok((cuda::output(dx, &s1.device), l1.shape().clone()))
     }
@@ -235,7 +316,7 @@ impl CustomOp1 for SoftmaxLastDim {
             (cuda::kernel(&storage.device, "softmax_last_dim")?, (n / dim) as u32, dim as u32);
         let mut args = func.args();
         args.arg(&x).arg(&mut y).arg(&rows).arg(&dim32);
-        // SAFETY: the arguments follow the kernel\'s signature in ops.cu; buffers hold its elements.
+        // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
         unsafe { func.launch(args, cuda::rows(n / dim, dim))? };
         Ok((cuda::output(y, &storage.device), layout.shape().clone()))
     }
@@ -308,7 +389,7 @@ impl CustomOp3 for LayerNorm {
         let func = cuda::kernel(&s1.device, "layer_norm")?;
         let mut args = func.args();
         args.arg(&x).arg(&w).arg(&b).arg(&mut y).arg(&r).arg(&d).arg(&eps);
-        // SAFETY: the arguments follow the kernel\'s signature in ops.cu; buffers hold its elements.
+        // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
         unsafe { func.launch(args, cuda::rows(rows, dim))? };
         Ok((cuda::output(y, &s1.device), l1.shape().clone()))
     }
@@ -383,25 +464,37 @@ impl CustomOp3 for LayerNormBackward {
         let func = cuda::kernel(device, "layer_norm_stats")?;
         let mut args = func.args();
         args.arg(&x).arg(&mut stats).arg(&r).arg(&d).arg(&eps);
-        // SAFETY: the arguments follow the kernel\'s signature in ops.cu; buffers hold its elements.
+        // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
         unsafe { func.launch(args, cuda::rows(rows, dim))? };
         {
             let (mut dx, mut params) = out.split_at_mut(rows * dim);
             let func = cuda::kernel(device, "layer_norm_backward_input")?;
             let mut args = func.args();
             args.arg(&x).arg(&w).arg(&g).arg(&mut dx).arg(&r).arg(&d).arg(&eps);
-            // SAFETY: the arguments follow the kernel\'s signature in ops.cu; buffers hold its elements.
+            // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
             unsafe { func.launch(args, cuda::rows(rows, dim))? };
-            let (mut dw, mut db) = params.split_at_mut(dim);
+            let chunks = rows.div_ceil(LAYER_NORM_CHUNK_ROWS);
+            let mut partial = unsafe { device.alloc::<f32>(2 * chunks * dim)? };
             let func = cuda::kernel(device, "layer_norm_backward_params")?;
             let mut args = func.args();
-            args.arg(&x).arg(&g).arg(&stats).arg(&mut dw).arg(&mut db).arg(&r).arg(&d);
-            // SAFETY: the arguments follow the kernel\'s signature in ops.cu; buffers hold its elements.
+            let chunk_rows = LAYER_NORM_CHUNK_ROWS as u32;
+            args.arg(&x).arg(&g).arg(&stats).arg(&mut partial).arg(&r).arg(&d).arg(&chunk_rows);
+            // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
+            unsafe { func.launch(args, cuda::elementwise(chunks * dim))? };
+            let (mut dw, mut db) = params.split_at_mut(dim);
+            let func = cuda::kernel(device, "layer_norm_backward_params_sum")?;
+            let mut args = func.args();
+            let c = chunks as u32;
+            args.arg(&partial).arg(&mut dw).arg(&mut db).arg(&c).arg(&d);
+            // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
             unsafe { func.launch(args, cuda::elementwise(dim))? };
         }
         Ok((cuda::output(out, device), Shape::from((rows + 2, dim))))
     }
 }
+
+/// Rows per partial sum of the LayerNorm parameter gradients (CPU and CUDA alike).
+const LAYER_NORM_CHUNK_ROWS: usize = 64;
 
 /// The LayerNorm backward as one pass over rows (recomputing mean and rstd, which is cheaper than
 /// storing them through candle's graph), packed as [`LayerNormBackward`] returns it.
@@ -413,7 +506,7 @@ fn layer_norm_backward_cpu(xs: &[f32], w_v: &[f32], g_v: &[f32], eps: f64) -> Ve
     let (dx, params) = out.split_at_mut(rows * dim);
     // Per-chunk partial sums for dweight/dbias, reduced afterwards in chunk order. The chunk size
     // is fixed, not derived from the thread count, so results do not depend on it.
-    let chunk_rows = 64;
+    let chunk_rows = LAYER_NORM_CHUNK_ROWS;
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(chunk_rows * dim)
         .zip(xs.par_chunks(chunk_rows * dim))
@@ -576,10 +669,12 @@ int main(int argc, char **argv) {
     }
     if (mode == "layer_norm_backward") {
         auto w = read(dim), g = read(n);
-        std::vector<float> stats(2 * rows), dw(dim), db(dim);
+        unsigned chunk_rows = 64, chunks = (rows + chunk_rows - 1) / chunk_rows;
+        std::vector<float> stats(2 * rows), partial(2 * chunks * dim), dw(dim), db(dim);
         layer_norm_stats(x.data(), stats.data(), rows, dim, eps);
         layer_norm_backward_input(x.data(), w.data(), g.data(), out.data(), rows, dim, eps);
-        layer_norm_backward_params(x.data(), g.data(), stats.data(), dw.data(), db.data(), rows, dim);
+        layer_norm_backward_params(x.data(), g.data(), stats.data(), partial.data(), rows, dim, chunk_rows);
+        layer_norm_backward_params_sum(partial.data(), dw.data(), db.data(), chunks, dim);
         print(out); print(dw); print(db);
     }
 }
@@ -617,7 +712,7 @@ int main(int argc, char **argv) {
         let main = format!("#include <string>\n{MAIN}");
         let exe = crate::kernels::host::compile(dir.path(), crate::kernels::OPS, &main);
         let device = Device::Cpu;
-        let (rows, dim) = (6, 48);
+        let (rows, dim) = (150, 48); // over two chunks of the LayerNorm parameter sums
         let x = (Tensor::randn(0f32, 3.0, (rows, dim), &device).unwrap() + 0.7).unwrap();
         let g = Tensor::randn(0f32, 1.0, (rows, dim), &device).unwrap();
         let w = Tensor::randn(1f32, 0.2, dim, &device).unwrap();

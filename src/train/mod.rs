@@ -252,13 +252,7 @@ impl<'c> Trainer<'c> {
 
         // Trainable variables: the pretrained encoder and freshly initialised heads.
         let varmap = VarMap::new();
-        {
-            let weights = model::load_encoder_weights(model_dir, &encoder_config, &device)?;
-            let mut data = varmap.data().lock().expect("varmap lock");
-            for (name, tensor) in weights {
-                data.insert(format!("{}{name}", parts::ENCODER_PREFIX), Var::from_tensor(&tensor)?);
-            }
-        }
+        model::load_encoder_vars(&varmap, parts::ENCODER_PREFIX, model_dir, &encoder_config, &device)?;
         let (h, k) = (encoder_config.hidden_size, cfg.model.proj_dim);
         init_heads(
             &varmap,
@@ -275,6 +269,9 @@ impl<'c> Trainer<'c> {
         let encoder = BertModel::load(vb.pp("encoder"), &encoder_config)
             .with_context(|| format!("{}: weights do not fit config.json", model_dir.display()))?
             .with_compute_dtype(cfg.train.precision.compute_dtype());
+        if device.is_cpu() && cfg.train.precision == Precision::Bf16 {
+            tracing::warn!("train.precision = \"bf16\" on the CPU is correct but slower than fp32");
+        }
         // A process-wide cuBLAS switch (a no-op without CUDA).
         candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.tf32);
         let heads = Heads::load(vb.pp("heads"), h, k, teacher_dim)?;
