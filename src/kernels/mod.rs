@@ -1,9 +1,8 @@
 //! kdmcse's own CUDA kernels (`*.cu` beside this file: dropout masks, the fused training ops,
-//! AdamW updates), compiled at
-//! run time with NVRTC, once per process and module, and loaded onto candle's CUDA device. Each
-//! kernel does exactly what its CPU twin does; the tests build the `.cu` files for the host (one
-//! thread doing every element) and compare them with the CPU code, so the arithmetic is checked
-//! on machines without a GPU.
+//! AdamW updates), compiled at run time with NVRTC, once per process and module, and loaded onto
+//! candle's CUDA device. Each kernel does exactly what its CPU twin does; the tests build the `.cu`
+//! files for the host (one thread doing every element) and compare them with the CPU code, so the
+//! arithmetic is checked on machines without a GPU.
 
 /// A kernel source: its module name and CUDA C++ text.
 #[cfg(any(feature = "cuda", test))]
@@ -37,7 +36,7 @@ impl Kernel {
         kernel: &str,
     ) -> candle_core::Result<Self> {
         let function =
-            device.get_or_load_custom_func(kernel, module.name, &ptx(module)?)?.into_cuda_function();
+            device.get_or_load_custom_func(kernel, module.name, ptx(module)?)?.into_cuda_function();
         Ok(Self { name: format!("{}::{kernel}", module.name), function, stream: device.cuda_stream() })
     }
 
@@ -62,21 +61,23 @@ impl Kernel {
     }
 }
 
-/// The PTX of `module`, compiled with NVRTC on first use.
+/// The PTX of `module`, compiled with NVRTC on first use and kept for the process's lifetime
+/// (launches look it up on every call).
 #[cfg(feature = "cuda")]
-fn ptx(module: Module) -> candle_core::Result<String> {
+fn ptx(module: Module) -> candle_core::Result<&'static str> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
 
-    static PTX: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
+    static PTX: OnceLock<Mutex<HashMap<&'static str, &'static str>>> = OnceLock::new();
     let mut cache = PTX.get_or_init(Default::default).lock().expect("PTX cache lock");
     if let Some(ptx) = cache.get(module.name) {
-        return Ok(ptx.clone());
+        return Ok(ptx);
     }
     let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(module.source)
         .map_err(|e| candle_core::Error::Msg(format!("NVRTC, compiling {}: {e}", module.name)))?
         .to_src();
-    cache.insert(module.name, ptx.clone());
+    let ptx: &'static str = Box::leak(ptx.into_boxed_str());
+    cache.insert(module.name, ptx);
     Ok(ptx)
 }
 
