@@ -198,24 +198,38 @@ pub fn encoder(dir: &Path, device: &Device, compute: DType) -> Result<Vec<Check>
     };
     let (cls_dev, grads_dev) = run(device)?;
     let (cls_cpu, grads_cpu) = run(&Device::Cpu)?;
-    let (forward_tol, grad_tol) = if compute == DType::F32 { (1e-4, 1e-3) } else { (5e-2, 5e-2) };
+    let forward_tol = if compute == DType::F32 { 1e-4 } else { 5e-2 };
     let tag = format!("{compute:?}").to_lowercase();
     let mut checks =
         vec![Check::within(format!("encoder_forward_{tag}"), max_abs_diff(&cls_dev, &cls_cpu)?, forward_tol)];
-    // Gradients relative to each tensor's largest CPU gradient; the worst tensor is reported.
+    // Gradients relative to each tensor's largest CPU gradient (the worst tensor is reported),
+    // and the cosine of all gradients as one vector.
     let mut worst = (0.0f64, String::new());
+    let (mut dot, mut norm_dev, mut norm_cpu) = (0.0f64, 0.0f64, 0.0f64);
     for ((name, g_dev), (_, g_cpu)) in grads_dev.iter().zip(&grads_cpu) {
         let scale = g_cpu.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
         let rel = max_abs_diff(g_dev, g_cpu)? / scale.max(1e-12);
         if rel > worst.0 {
             worst = (rel, name.clone());
         }
+        let (d, c) = (g_dev.to_device(&Device::Cpu)?.to_dtype(DType::F64)?, g_cpu.to_dtype(DType::F64)?);
+        dot += (&d * &c)?.sum_all()?.to_scalar::<f64>()?;
+        norm_dev += d.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        norm_cpu += c.sqr()?.sum_all()?.to_scalar::<f64>()?;
     }
-    let mut check = Check::within(format!("encoder_gradients_{tag}"), worst.0, grad_tol);
+    let cosine = dot / (norm_dev.sqrt() * norm_cpu.sqrt()).max(1e-300);
+    // fp32: every tensor within 1e-3 of its scale. bf16: per-tensor differences are bf16 rounding
+    // noise, large on tensors with tiny gradients, so the direction of the whole gradient is
+    // checked instead.
+    let mut check = if compute == DType::F32 {
+        Check::within(format!("encoder_gradients_{tag}"), worst.0, 1e-3)
+    } else {
+        Check::within(format!("encoder_gradients_{tag}"), 1.0 - cosine, 1e-3)
+    };
     check.passed &= grads_dev.len() == grads_cpu.len() && !grads_cpu.is_empty();
-    check.detail = format!("{} tensors; {}", grads_cpu.len(), check.detail);
+    check.detail = format!("{} tensors; {}; gradient cosine {cosine:.6}", grads_cpu.len(), check.detail);
     if !worst.1.is_empty() {
-        check.detail += &format!(", worst {}", worst.1);
+        check.detail += &format!(", worst tensor {} ({:.2e})", worst.1, worst.0);
     }
     checks.push(check);
     Ok(checks)

@@ -245,13 +245,15 @@ fn rendezvous_failures_name_the_missing_rank_and_leave_no_process() {
     assert!(err.contains("rank 1: cannot join the job") && err.contains("cannot reach the master"), "{err}");
 }
 
-/// `kdmcse check` on `world` ranks joined through the rendezvous store (TCP collectives).
-fn check_ranks(world: usize) -> Vec<Output> {
+/// `kdmcse check` on `world` ranks joined through the rendezvous store (TCP collectives), with
+/// `extra` arguments.
+fn check_ranks(world: usize, extra: &[&str]) -> Vec<Output> {
     let port = free_port().to_string();
     let children: Vec<Child> = (0..world)
         .map(|rank| {
             Command::new(kdmcse_bin())
                 .args(["check", "--device", "cpu"])
+                .args(extra)
                 .envs([
                     ("WORLD_SIZE", world.to_string().as_str()),
                     ("RANK", rank.to_string().as_str()),
@@ -270,8 +272,11 @@ fn check_ranks(world: usize) -> Vec<Output> {
 
 #[test]
 fn collective_checks_pass_on_two_ranks_and_on_a_launched_world_of_one() {
-    for world in [2, 1] {
-        for (rank, out) in check_ranks(world).iter().enumerate() {
+    // `kdmcse check` fails (exit 1) if any check fails; the world of one also compares the
+    // encoder (trivially, CPU against CPU: this covers the command's path).
+    let minilm = common::minilm_dir();
+    for (world, extra) in [(2, vec![]), (1, vec!["--model", minilm.to_str().unwrap()])] {
+        for (rank, out) in check_ranks(world, &extra).iter().enumerate() {
             assert_ok(out);
             let stdout = String::from_utf8_lossy(&out.stdout);
             let checks: Vec<serde_json::Value> =
@@ -285,6 +290,9 @@ fn collective_checks_pass_on_two_ranks_and_on_a_launched_world_of_one() {
                 );
             }
             assert!(checks.iter().all(|c| c["rank"] == rank), "{stdout}");
+            let encoder_checks =
+                checks.iter().filter(|c| c["name"].as_str().unwrap().starts_with("encoder_")).count();
+            assert_eq!(encoder_checks, if extra.is_empty() { 0 } else { 4 }, "{stdout}");
             let joined = String::from_utf8_lossy(&out.stderr);
             assert!(
                 joined.contains("joined the job") && joined.contains(&format!("world_size={world}")),
