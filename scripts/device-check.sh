@@ -66,7 +66,7 @@ run() {
   else
     for b in kdmcse kdmcse-launch; do gunzip -c "$pack/bin/$b.gz" >"$bin/$b" && chmod +x "$bin/$b"; done
   fi
-  export KDMCSE_BIN="$bin/kdmcse" RUST_LOG="${RUST_LOG:-info}"
+  export RUST_LOG="${RUST_LOG:-info}"
 
   # The CUDA libraries of the machine's PyTorch (nvidia/*/lib of its site-packages).
   LD_LIBRARY_PATH="$(python3 - <<'EOF'

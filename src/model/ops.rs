@@ -35,6 +35,16 @@ pub fn softmax_last_dim_composed(xs: &Tensor) -> Result<Tensor> {
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if fused(xs) {
+        // The kernels (CPU and CUDA) take the row length from the weight.
+        let dim = xs.dim(D::Minus1)?;
+        if weight.dims() != [dim] || bias.dims() != [dim] {
+            candle_core::bail!(
+                "layer-norm: weight {:?} / bias {:?} do not match input {:?}",
+                weight.dims(),
+                bias.dims(),
+                xs.dims()
+            );
+        }
         xs.contiguous()?.apply_op3(weight, bias, LayerNorm { eps })
     } else {
         layer_norm_composed(xs, weight, bias, eps)
@@ -350,9 +360,6 @@ impl CustomOp3 for LayerNorm {
         let weight = cpu_f32(s2, l2, self.name())?;
         let bias = cpu_f32(s3, l3, self.name())?;
         let dim = weight.len();
-        if bias.len() != dim || l1.dims()[l1.dims().len() - 1] != dim {
-            candle_core::bail!("layer-norm: weight/bias size {dim} does not match input {l1:?}");
-        }
         let eps = self.eps as f32;
         let mut dst = vec![0f32; xs.len()];
         dst.par_chunks_mut(dim).zip(xs.par_chunks(dim)).for_each(|(dst, src)| {
@@ -380,9 +387,6 @@ impl CustomOp3 for LayerNorm {
         let (x, w, b) = (cuda::input(s1, l1, name)?, cuda::input(s2, l2, name)?, cuda::input(s3, l3, name)?);
         let dim = w.len();
         let n = l1.shape().elem_count();
-        if b.len() != dim || l1.dims()[l1.dims().len() - 1] != dim {
-            candle_core::bail!("layer-norm: weight/bias size {dim} does not match input {l1:?}");
-        }
         let mut y = unsafe { s1.device.alloc::<f32>(n)? };
         let rows = n / dim;
         let (r, d, eps) = (rows as u32, dim as u32, self.eps as f32);
