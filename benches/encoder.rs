@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use candle_nn::{Module, VarBuilder, VarMap};
 use kdmcse::data::{TokenBatch, Tokenizer};
 use kdmcse::embed::SentenceEncoder;
 use kdmcse::eval::{load_task, Task};
 use kdmcse::loss::Objective;
-use kdmcse::model::{self, dropout::example_key, dropout::Dropout, heads::Heads, BertModel, Pooling};
+use kdmcse::model::{dropout::example_key, dropout::Dropout, Pooling};
+use kdmcse::train::batches::{BatchKind, TwoViewBatch};
+use kdmcse::train::student::Student;
 
 #[global_allocator]
 static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
@@ -29,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     let stsb =
         load_task(&shared.join("data"), Task::StsBenchmark)?.expect("STS-B test under shared/data/stsb");
     let sentences: Vec<&str> = stsb.first.iter().chain(&stsb.second).map(String::as_str).collect();
-    let encoder = SentenceEncoder::load(&model_dir, Pooling::Cls, None, &device)?;
+    let encoder = SentenceEncoder::load(&model_dir, Some(Pooling::Cls), None, &device)?;
     encoder.encode(&sentences[..256], 128, |_| {})?; // warm-up
     let runs = 3;
     let start = Instant::now();
@@ -46,40 +47,35 @@ fn main() -> anyhow::Result<()> {
     // One training step: wiki sentences, 64 x 2 views, max_len 32, SimCSE loss, fwd + bwd.
     let wiki = std::fs::read_to_string(shared.join("data/wiki/wiki1m_head_11913.txt"))?;
     let batch_sentences: Vec<&str> = wiki.lines().take(64).collect();
-    let config = model::load_config(&model_dir)?;
-    let varmap = VarMap::new();
-    model::load_encoder_vars(&varmap, "encoder.", &model_dir, &config, &device)?;
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let student = BertModel::load(vb.pp("encoder"), &config)?;
-    let heads = Heads::load(vb.pp("heads"), config.hidden_size, 256, 768)?;
+    let student = Student::load(&model_dir, Pooling::Cls, 256, 768, 1234, DType::F32, &device)?;
     let tokenizer = Tokenizer::from_dir(&model_dir, 32, 0)?;
     let encoded = tokenizer.encode(&batch_sentences)?;
     // Both views in one forward pass: rows 0..64 view 0, rows 64..128 view 1.
     let rows: Vec<_> = encoded.iter().chain(&encoded).collect();
-    let batch = TokenBatch::pad(&rows, 0, &device)?;
+    let tokens = TokenBatch::pad(&rows, 0, &device)?;
     let objective = Objective { margin_text: 0.0, ..Objective::default() };
-    let step = |s: u64| -> anyhow::Result<f64> {
+    let mut batch = TwoViewBatch {
+        kind: BatchKind::Text,
+        examples: 64,
+        tokens,
+        dropout: Dropout::disabled(),
+        teacher: None,
+    };
+    let mut step = |s: u64| -> anyhow::Result<f64> {
         let keys = (0..128u64).map(|i| example_key(1234, s, i % 64, i / 64)).collect();
-        let dropout = Dropout::per_example(0.1, 0.1, keys);
+        batch.dropout = Dropout::per_example(0.1, 0.1, keys);
         let start = Instant::now();
-        let cls = student.embed(
-            &batch.input_ids,
-            &batch.token_type_ids,
-            &batch.attention_mask,
-            &dropout,
-            Pooling::Cls,
-        )?;
-        let z = heads.mlp.forward(&cls)?;
-        let terms = objective.compute(&z.narrow(0, 0, 64)?, &z.narrow(0, 64, 64)?, None, 0)?;
+        let embeddings = student.forward(&batch)?;
+        let terms = objective.compute(&embeddings.z1, &embeddings.z2, None, 0)?;
         let grads = terms.total.backward()?;
         std::hint::black_box(grads);
         Ok(start.elapsed().as_secs_f64())
     };
     step(0)?; // warm-up
     let steps = 5;
-    let total: f64 = (1..=steps).map(step).sum::<anyhow::Result<f64>>()?;
+    let total: f64 = (1..=steps).map(&mut step).sum::<anyhow::Result<f64>>()?;
     let per_step = total / steps as f64;
-    let len = batch.input_ids.dim(1)?;
+    let len = batch.tokens.input_ids.dim(1)?;
     println!("train step (fwd+bwd, 64 x 2 views, max_len 32, padded to {len}): {per_step:.3} s = {:.0} sentences/s", 64.0 / per_step);
     Ok(())
 }

@@ -21,12 +21,15 @@
 # utilisation, beside the log, check.jsonl and the runs' metrics.
 # The binaries find cuBLAS, cuRAND, NVRTC, NCCL and the CUDA runtime in the machine's PyTorch
 # install (its nvidia-* cu13 wheels) through LD_LIBRARY_PATH, and libcuda.so.1 from the driver.
-# Knobs: KDMCSE_CHECK_STEPS (50; the first fifth are warm-up, left out of the timings) and
-# KDMCSE_CHECK_TIMEOUT (seconds per training run, 75: the whole script must end within the
-# GPU machine's 10-minute command limit). A dry run of `run` on a CPU machine, to test this
-# script: KDMCSE_CHECK_DEVICE=cpu KDMCSE_CHECK_BIN=target/release KDMCSE_CHECK_STEPS=7
-# KDMCSE_CHECK_TIMEOUT=900 KDMCSE_CHECK_LAYERS=2 (a 2-layer "BERT-base"), with PyTorch and
-# transformers installed.
+# Knobs: KDMCSE_CHECK_STEPS (50; the first fifth are warm-up, left out of the timings),
+# KDMCSE_CHECK_TIMEOUT (seconds per training run, 75) and KDMCSE_CHECK_BUDGET (seconds for the
+# whole run, 540: the GPU machine's command limit is 600). Every part runs under `timeout -k`;
+# a precision that cannot finish before the budget is skipped; device-check.json is written on
+# exit whatever finished, and names what failed or was skipped. A dry run of `run` on a CPU
+# machine, to test this script: KDMCSE_CHECK_DEVICE=cpu KDMCSE_CHECK_BIN=target/release
+# KDMCSE_CHECK_STEPS=7 KDMCSE_CHECK_TIMEOUT=900 KDMCSE_CHECK_LAYERS=2 (a 2-layer "BERT-base"),
+# with PyTorch and transformers installed; KDMCSE_CHECK_PLANT=hang or =fail plants a check that
+# never returns or one that fails, to see the summary still arrive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pack=.device-check
@@ -60,6 +63,9 @@ run() {
   rm -rf "$work" && mkdir -p "$work"
   local device="${KDMCSE_CHECK_DEVICE:-cuda}" steps="${KDMCSE_CHECK_STEPS:-50}" bin="$work/bin"
   local limit="${KDMCSE_CHECK_TIMEOUT:-75}" layers="${KDMCSE_CHECK_LAYERS:-12}"
+  deadline=$(( $(date +%s) + ${KDMCSE_CHECK_BUDGET:-540} ))
+  check_rc=unset summary_work="$work" summary_out="$out"
+  trap summarize EXIT
   mkdir -p "$bin"
   if [ -n "${KDMCSE_CHECK_BIN:-}" ]; then
     cp "$KDMCSE_CHECK_BIN"/kdmcse "$KDMCSE_CHECK_BIN"/kdmcse-launch "$bin/"
@@ -67,6 +73,9 @@ run() {
     for b in kdmcse kdmcse-launch; do gunzip -c "$pack/bin/$b.gz" >"$bin/$b" && chmod +x "$bin/$b"; done
   fi
   export RUST_LOG="${RUST_LOG:-info}"
+  # NCCL's warnings (and only those) on stderr; the driver's JIT cache kept for the whole run.
+  export NCCL_DEBUG=WARN NCCL_DEBUG_FILE=/dev/stderr
+  export CUDA_CACHE_PATH="$work/cuda-cache" CUDA_CACHE_MAXSIZE=4294967296
 
   # The CUDA libraries of the machine's PyTorch (nvidia/*/lib of its site-packages).
   LD_LIBRARY_PATH="$(python3 - <<'EOF'
@@ -103,29 +112,60 @@ for name, kw in [("bert-base", dict(num_hidden_layers=layers)), ("bert-small", d
         shutil.copy(f"{tok}/{f}", f"{work}/{name}/{f}")
 EOF
 
-  echo "== (b) kdmcse check: NCCL world of one, masks and encoder vs CPU"
-  local check_rc=0
+  echo "== (b) kdmcse check: NCCL world of one, kernels, masks and encoder vs CPU"
+  # Each result is printed (and kept) as it is produced, so a hang still leaves the rest.
+  local check=("$bin/kdmcse" check --device "$device" --model "$work/bert-small")
+  case "${KDMCSE_CHECK_PLANT:-}" in
+    hang) check=(sleep 100000) ;;
+    fail) check=(sh -c 'echo "{\"name\": \"planted\", \"passed\": false, \"detail\": \"planted failure\"}"; exit 1') ;;
+  esac
+  check_rc=0
+  set +e
   WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
-    timeout 120 "$bin/kdmcse" check --device "$device" --model "$work/bert-small" >"$out/check.jsonl" || check_rc=$?
-  cat "$out/check.jsonl"
+    timeout -k 5 120 "${check[@]}" | tee "$out/check.jsonl"
+  check_rc=${PIPESTATUS[0]}
+  set -e
+
 
   echo "== (a, c) kdmcse and PyTorch training steps"
-  KDMCSE_BIN_DIR="$bin" scripts/bench-vs-torch --model "$work/bert-base" --device "$device" \
-    --precisions "fp32 tf32 bf16" --steps "$steps" --timeout "$limit" --data "$pack/data" --out "$work/bench" ||
-    echo "bench-vs-torch failed: $?"
-  cp "$work/bench/metrics-"*.jsonl "$work/bench/bench-vs-torch.json" "$out/" 2>/dev/null || true
-
-  python3 - "$work" "$out" "$check_rc" <<'EOF'
-import json, os, sys
-work, out, check_rc = sys.argv[1], sys.argv[2], int(sys.argv[3])
-checks = [json.loads(l) for l in open(f"{out}/check.jsonl") if l.strip()]
-summary = {
-    "gpu": open(f"{work}/gpu.txt").read().strip(),
-    "checks_passed": check_rc == 0 and bool(checks) and all(c["passed"] for c in checks),
-    "checks": checks,
+  KDMCSE_BIN_DIR="$bin" timeout -k 10 $(( deadline - $(date +%s) )) scripts/bench-vs-torch --model "$work/bert-base" \
+    --device "$device" --precisions "fp32 tf32 bf16" --steps "$steps" --timeout "$limit" --deadline "$deadline" \
+    --data "$pack/data" --out "$work/bench" || echo "bench-vs-torch failed: $?"
 }
+
+# device-check.json from whatever finished (an EXIT trap: also after a failure or a kill by
+# timeout); only JSON lines of the check's output count as results.
+summarize() {
+  trap - EXIT
+  cp "$summary_work/bench/metrics-"*.jsonl "$summary_work/bench/bench-vs-torch.json" "$summary_work/bench/machine.json" \
+    "$summary_out/" 2>/dev/null || true
+  python3 - "$summary_work" "$summary_out" "$check_rc" <<'EOF'
+import json, os, sys
+work, out, check_rc = sys.argv[1], sys.argv[2], sys.argv[3]
+checks, stray = [], 0
+if os.path.exists(f"{out}/check.jsonl"):
+    for line in open(f"{out}/check.jsonl"):
+        line = line.strip()
+        try:
+            record = json.loads(line) if line.startswith("{") else None
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "name" in record:
+            checks.append(record)
+        elif line:
+            stray += 1
+failed = [c["name"] for c in checks if not c.get("passed")]
+if check_rc == "unset":
+    failed.append("check: never ran")
+elif check_rc != "0":
+    failed.append(f"check: exit {check_rc}" + (" (timed out)" if check_rc in ("124", "137") else ""))
+gpu = open(f"{work}/gpu.txt").read().strip() if os.path.exists(f"{work}/gpu.txt") else "unknown"
+summary = {"gpu": gpu, "checks_passed": not failed and bool(checks), "failed": failed, "checks": checks,
+           "stray_output_lines": stray}
 path = f"{out}/bench-vs-torch.json"
-summary["training"] = json.load(open(path)) if os.path.exists(path) else {"error": "bench-vs-torch wrote nothing"}
+training = json.load(open(path)) if os.path.exists(path) else {"error": "bench-vs-torch wrote nothing"}
+summary["training"] = training
+summary["skipped_precisions"] = training.get("skipped", []) if isinstance(training, dict) else []
 json.dump(summary, open(f"{out}/device-check.json", "w"), indent=2)
 print(json.dumps(summary, indent=2))
 EOF
@@ -134,5 +174,5 @@ EOF
 case "$mode" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,24p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,27p' "$0" >&2; exit 2 ;;
 esac

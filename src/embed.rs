@@ -16,9 +16,19 @@ pub struct SentenceEncoder {
 }
 
 impl SentenceEncoder {
-    /// Loads a Hugging Face model folder. `max_len` cuts inputs (special tokens included);
-    /// `None` means no truncation beyond what the position table holds.
-    pub fn load(dir: &Path, pooling: Pooling, max_len: Option<usize>, device: &Device) -> Result<Self> {
+    /// Loads a Hugging Face model folder. `pooling`: the given one, else what the folder states
+    /// (an export's `1_Pooling/config.json`), else CLS. `max_len` cuts inputs (special tokens
+    /// included); `None` means no truncation beyond what the position table holds.
+    pub fn load(
+        dir: &Path,
+        pooling: Option<Pooling>,
+        max_len: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let pooling = match pooling {
+            Some(p) => p,
+            None => crate::export::folder_pooling(dir)?.unwrap_or(Pooling::Cls),
+        };
         let model = model::load_encoder(dir, device)?;
         let max_len = max_len.unwrap_or(model.config.max_tokens()).min(model.config.max_tokens());
         let tokenizer = Tokenizer::from_dir(dir, max_len, model.config.pad_token_id as u32)?;
@@ -55,13 +65,7 @@ pub fn embed_sentences(
     for chunk in order.chunks(batch_size.max(1)) {
         let rows: Vec<_> = chunk.iter().map(|&i| &encoded[i]).collect();
         let batch = TokenBatch::pad(&rows, tokenizer.pad_id(), device)?;
-        let embedded = model.embed(
-            &batch.input_ids,
-            &batch.token_type_ids,
-            &batch.attention_mask,
-            &Dropout::disabled(),
-            pooling,
-        )?;
+        let embedded = model.embed(&batch, &Dropout::disabled(), pooling)?;
         pooled.push(embedded.detach());
         on_batch(chunk.len());
     }

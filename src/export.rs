@@ -1,7 +1,7 @@
 //! Export of a trained student as a folder that Hugging Face `AutoModel` and
 //! sentence-transformers load (and `kdmcse eval` reads): the encoder under its Hugging Face key
 //! names in `model.safetensors`, `config.json`, the tokenizer files, and the sentence-transformers
-//! modules (Transformer + CLS Pooling, cosine similarity).
+//! modules (Transformer + the run's pooling, cosine similarity).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,28 +10,31 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 
+use crate::checkpoint::layout::{self, ENCODER_CONFIG, ENCODER_PREFIX, MODEL, POOLER, TOKENIZER_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::model::{Config, Pooling};
-use crate::train::parts;
+
+/// sentence-transformers' pooling module of an export.
+const POOLING_CONFIG: &str = "1_Pooling/config.json";
 
 /// The files of the export of `checkpoint` (relative path -> contents).
 pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> {
-    let config_json = checkpoint.part(parts::ENCODER_CONFIG)?;
+    let config_json = checkpoint.part(ENCODER_CONFIG)?;
     let config: Config = serde_json::from_slice(config_json)
-        .with_context(|| format!("checkpoint {}: unreadable {}", checkpoint.name, parts::ENCODER_CONFIG))?;
-    let weights = candle_core::safetensors::load_buffer(checkpoint.part(parts::MODEL)?, &Device::Cpu)?;
+        .with_context(|| format!("checkpoint {}: unreadable {}", checkpoint.name, ENCODER_CONFIG))?;
+    let weights = candle_core::safetensors::load_buffer(checkpoint.part(MODEL)?, &Device::Cpu)?;
     let mut encoder: BTreeMap<String, Tensor> = weights
         .into_iter()
-        .filter_map(|(k, t)| k.strip_prefix(parts::ENCODER_PREFIX).map(|k| (k.to_owned(), t)))
+        .filter_map(|(k, t)| k.strip_prefix(ENCODER_PREFIX).map(|k| (k.to_owned(), t)))
         .collect();
-    if let Some(pooler) = checkpoint.parts.get(parts::POOLER) {
+    if let Some(pooler) = checkpoint.parts.get(POOLER) {
         encoder.extend(candle_core::safetensors::load_buffer(pooler, &Device::Cpu)?);
     }
     let mut files = BTreeMap::new();
     files.insert("model.safetensors".to_owned(), Bytes::from(safetensors::serialize(&encoder, None)?));
     files.insert("config.json".to_owned(), config_json.clone());
     for (name, data) in &checkpoint.parts {
-        if let Some(file) = name.strip_prefix(parts::TOKENIZER_PREFIX) {
+        if let Some(file) = name.strip_prefix(TOKENIZER_PREFIX) {
             files.insert(file.to_owned(), data.clone());
         }
     }
@@ -48,7 +51,8 @@ pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> 
         "sentence_bert_config.json".to_owned(),
         json(serde_json::json!({"max_seq_length": config.max_tokens(), "do_lower_case": false})),
     );
-    files.insert("1_Pooling/config.json".to_owned(), json(pooling_config(config.hidden_size, Pooling::Cls)));
+    let pooling = layout::pooling(checkpoint)?;
+    files.insert(POOLING_CONFIG.to_owned(), json(pooling_config(config.hidden_size, pooling)));
     files.insert(
         "config_sentence_transformers.json".to_owned(),
         json(serde_json::json!({
@@ -73,6 +77,28 @@ fn pooling_config(dim: usize, pooling: Pooling) -> serde_json::Value {
         "pooling_mode_lasttoken": false,
         "include_prompt": true
     })
+}
+
+/// The pooling a model folder states in its sentence-transformers module (`1_Pooling/config.json`),
+/// if it has one.
+pub fn folder_pooling(dir: &Path) -> Result<Option<Pooling>> {
+    let path = dir.join(POOLING_CONFIG);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let on = |key: &str| config[key].as_bool() == Some(true);
+    match (on("pooling_mode_cls_token"), on("pooling_mode_mean_tokens")) {
+        (true, false) => Ok(Some(Pooling::Cls)),
+        (false, true) => Ok(Some(Pooling::Avg)),
+        _ => anyhow::bail!(
+            "{}: kdmcse reads CLS or mean pooling (pooling_mode_cls_token or pooling_mode_mean_tokens); \
+             give --pooler to choose",
+            path.display()
+        ),
+    }
 }
 
 /// Writes `files` under the local folder `out`.

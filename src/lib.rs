@@ -1,19 +1,54 @@
 //! kdmcse: multimodal sentence embeddings trained with KDMCSE.
 //!
-//! The library holds the method (model, losses, data, evaluation); the `kdmcse` binary and the
-//! launcher build the training application on top of it.
+//! The library holds the method (`model`, `loss`, `data`, `eval`, the fused `ops` and their CUDA
+//! `kernels`), the machinery of distributed training (`dist`, `checkpoint`, `device`), and the
+//! training application built on them (`train`, with `export`, `embed`, `check` and `events`).
+//! The `kdmcse` binary is a thin command line over it; `kdmcse-launch` (launcher/) starts its
+//! workers.
 
 pub mod check;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod embed;
 pub mod eval;
+pub mod events;
 pub mod export;
 mod kernels;
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod train;
+
+/// An error in what the user gave -- the configuration, a data or model file, a checkpoint that
+/// does not fit the run, a run that diverges -- which running again cannot mend. `kdmcse` exits
+/// with [`InputError::EXIT_CODE`] on it, so `kdmcse-launch` and Kubernetes fail at once instead
+/// of restarting.
+#[derive(Debug)]
+pub struct InputError(String);
+
+impl InputError {
+    pub const EXIT_CODE: i32 = 2;
+
+    /// `err` (with its whole context chain) as an input error.
+    pub fn wrap(err: anyhow::Error) -> anyhow::Error {
+        anyhow::Error::new(InputError(format!("{err:#}")))
+    }
+
+    /// Whether `err` is, or was caused by, an input error.
+    pub fn is(err: &anyhow::Error) -> bool {
+        err.chain().any(|cause| cause.is::<InputError>())
+    }
+}
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InputError {}
 
 /// The global allocator of kdmcse's binaries. A training step allocates and frees hundreds of MB
 /// of activations; glibc's malloc hands large blocks back to the kernel and page-faults them in

@@ -1,10 +1,13 @@
 //! The KDMCSE objective as plain functions of tensors (METHOD.md, "Angular similarity",
 //! "Noisy-negative filter", "Loss").
 //!
-//! Every function takes `rows` (this rank's anchors) and `cols` (the global batch) plus
-//! `row_offset`, the global index of the first local row: row `i` is positive with column
-//! `row_offset + i`. On one process rows and columns are the same batch and the offset is 0;
-//! with global negatives (open_clip's `ClipLoss` design) the columns are gathered from all ranks.
+//! One design throughout: every function takes `rows` (the anchors a caller computes the loss
+//! of) and `cols` (the whole batch: the negative pool) plus `row_offset`, the index in `cols` of
+//! the first row: row `i` is positive with column `row_offset + i`. Rows may be any contiguous
+//! slice of the batch -- a rank's own examples against columns gathered from every rank (open_clip's
+//! `ClipLoss`), so each rank's cost falls as ranks are added -- or all of it (offset 0), which is
+//! what the trainer passes today: each rank computes the whole global loss, with gradient only
+//! through its own rows (`dist::gather_with_local_grad`). The golden tests check both uses.
 //! SimCSE and MCSE are this objective with margins 0 and, for SimCSE, no grounding term.
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -96,7 +99,7 @@ pub enum FilterScore {
 }
 
 /// Removes negatives the teacher scores above `threshold` from the softmax.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NegativeFilter {
     pub score: FilterScore,
     pub threshold: f64,
@@ -120,10 +123,26 @@ impl NegativeFilter {
     }
 }
 
-/// The hyper-parameters of the objective. SimCSE: `margin_text = 0` and text batches only;
-/// MCSE: both margins 0, no filter; KDMCSE: margins (paper 0.15) and optionally the filter.
+/// Which objective trains the student.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveKind {
+    /// Text-text InfoNCE on text batches only (margin_text may be set: SimCSE + angular margin).
+    Simcse,
+    /// Text-text plus grounding terms on paired batches, no margins, no filter.
+    Mcse,
+    /// MCSE with angular margins (fixed m1, teacher-adaptive m2) and the optional filter.
+    Kdmcse,
+}
+
+/// The objective and its hyper-parameters: the `[loss]` section of a training config. SimCSE:
+/// `margin_text = 0` and text batches only; MCSE: both margins 0, no filter; KDMCSE: margins
+/// (paper 0.15) and optionally the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Objective {
+    #[serde(rename = "objective")]
+    pub kind: ObjectiveKind,
     /// tau of the text-text term.
     pub temp: f64,
     /// tau of the cross-modal terms.
@@ -134,13 +153,56 @@ pub struct Objective {
     pub margin_text: f64,
     /// m2: base of the adaptive margin of the cross-modal terms.
     pub margin_vl: f64,
-    pub filter: Option<NegativeFilter>,
+    /// The noisy-negative filter's score: `"off"`, `"cosine"` or `"raw_dot"`.
+    #[serde(with = "filter_setting")]
+    pub filter: Option<FilterScore>,
+    pub filter_threshold: f64,
 }
 
 impl Default for Objective {
-    /// The reference scripts' KDMCSE settings (cosine filter off).
+    /// The reference scripts' KDMCSE settings (filter off).
     fn default() -> Self {
-        Self { temp: 0.05, temp_vl: 0.05, lambda: 0.01, margin_text: 0.15, margin_vl: 0.15, filter: None }
+        Self {
+            kind: ObjectiveKind::Kdmcse,
+            temp: 0.05,
+            temp_vl: 0.05,
+            lambda: 0.01,
+            margin_text: 0.15,
+            margin_vl: 0.15,
+            filter: None,
+            filter_threshold: 0.8,
+        }
+    }
+}
+
+/// `filter = "off" | "cosine" | "raw_dot"` as an `Option<FilterScore>`.
+mod filter_setting {
+    use super::FilterScore;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Setting {
+        Off,
+        Cosine,
+        RawDot,
+    }
+
+    pub fn serialize<S: Serializer>(filter: &Option<FilterScore>, s: S) -> Result<S::Ok, S::Error> {
+        match filter {
+            None => Setting::Off,
+            Some(FilterScore::Cosine) => Setting::Cosine,
+            Some(FilterScore::RawDot) => Setting::RawDot,
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<FilterScore>, D::Error> {
+        Ok(match Setting::deserialize(d)? {
+            Setting::Off => None,
+            Setting::Cosine => Some(FilterScore::Cosine),
+            Setting::RawDot => Some(FilterScore::RawDot),
+        })
     }
 }
 
@@ -162,14 +224,26 @@ pub struct Grounding<'a> {
 
 /// The loss terms of one batch (scalar tensors) and what the filter removed.
 pub struct LossTerms {
-    pub intra: Tensor,
-    pub inter: Option<Tensor>,
+    /// `L_tt`, the text-text term.
+    pub text: Tensor,
+    /// `L_img + L_cap`, the grounding term of a paired batch.
+    pub grounding: Option<Tensor>,
     pub total: Tensor,
     /// Negatives removed by the filter, image term plus caption term.
     pub masked_negatives: usize,
 }
 
 impl Objective {
+    /// Whether the objective reads paired batches (captions with teacher features).
+    pub fn uses_paired_data(&self) -> bool {
+        self.kind != ObjectiveKind::Simcse
+    }
+
+    /// The noisy-negative filter, if on.
+    pub fn negative_filter(&self) -> Option<NegativeFilter> {
+        self.filter.map(|score| NegativeFilter { score, threshold: self.filter_threshold })
+    }
+
     /// `L_tt`: InfoNCE over angular logits of view 1 (rows) against view 2 (columns).
     pub fn text_term(&self, z1_rows: &Tensor, z2_cols: &Tensor, row_offset: usize) -> Result<Tensor> {
         let cos = cosine_matrix(z1_rows, z2_cols)?;
@@ -182,7 +256,7 @@ impl Objective {
         let vv = cosine_matrix(g.img_rows, g.img_cols)?;
         let cc = cosine_matrix(g.cap_rows, g.cap_cols)?;
         // Image term: row i (caption i) vs image j; caption term: row i (image i) vs caption j.
-        let (mask_pv, mask_pt) = match &self.filter {
+        let (mask_pv, mask_pt) = match self.negative_filter() {
             Some(f) => (
                 Some(f.mask(g.cap_rows, g.img_cols, row_offset)?),
                 Some(f.mask(g.img_rows, g.cap_cols, row_offset)?),
@@ -201,14 +275,14 @@ impl Objective {
             };
             (view(g.p1)? + view(g.p2)?)? / 2.0
         };
-        let inter = (term(g.v, &vv, &mask_pv)? + term(g.t, &cc, &mask_pt)?)?;
+        let grounding = (term(g.v, &vv, &mask_pv)? + term(g.t, &cc, &mask_pt)?)?;
         let count = |m: &Option<Tensor>| -> Result<usize> {
             match m {
                 Some(m) => Ok(m.sum_all()?.to_scalar::<f32>()? as usize),
                 None => Ok(0),
             }
         };
-        Ok((inter, count(&mask_pv)? + count(&mask_pt)?))
+        Ok((grounding, count(&mask_pv)? + count(&mask_pt)?))
     }
 
     /// `L_tt` for a text batch; `L_tt + lambda * (L_img + L_cap)` for a paired batch.
@@ -219,13 +293,13 @@ impl Objective {
         grounding: Option<&Grounding>,
         row_offset: usize,
     ) -> Result<LossTerms> {
-        let intra = self.text_term(z1_rows, z2_cols, row_offset)?;
+        let text = self.text_term(z1_rows, z2_cols, row_offset)?;
         match grounding {
-            None => Ok(LossTerms { total: intra.clone(), intra, inter: None, masked_negatives: 0 }),
+            None => Ok(LossTerms { total: text.clone(), text, grounding: None, masked_negatives: 0 }),
             Some(g) => {
-                let (inter, masked_negatives) = self.grounding_term(g, row_offset)?;
-                let total = (&intra + (&inter * self.lambda)?)?;
-                Ok(LossTerms { intra, inter: Some(inter), total, masked_negatives })
+                let (grounding, masked_negatives) = self.grounding_term(g, row_offset)?;
+                let total = (&text + (&grounding * self.lambda)?)?;
+                Ok(LossTerms { text, grounding: Some(grounding), total, masked_negatives })
             }
         }
     }

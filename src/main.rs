@@ -7,11 +7,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, Parser, Subcommand};
-use kdmcse::checkpoint::CheckpointStore;
+use kdmcse::device::DeviceSpec;
+use kdmcse::dist::Nccl;
 use kdmcse::embed::SentenceEncoder;
 use kdmcse::eval::{self, Task};
 use kdmcse::model::Pooling;
-use kdmcse::train::{Outcome, Resume, TrainConfig, Trainer};
+use kdmcse::train::config::in_range;
+use kdmcse::train::{Outcome, Resume, Start, TrainConfig, Trainer};
+use kdmcse::InputError;
 
 #[global_allocator]
 static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
@@ -44,9 +47,9 @@ enum Command {
 
 #[derive(Args)]
 struct CheckArgs {
-    /// `cpu`, `cuda` (this worker's LOCAL_RANK) or `cuda:N`.
+    /// `cpu`, `cuda` (this worker's GPU) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// Also compare the encoder of this model folder (forward and gradients) with the CPU, in
     /// fp32 and bf16.
     #[arg(long)]
@@ -70,8 +73,9 @@ struct PrecomputeArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
 }
 
 #[derive(Args)]
@@ -90,6 +94,14 @@ struct TrainArgs {
     /// would; `--resume auto` continues the same run.
     #[arg(long, value_name = "STEP")]
     stop_after: Option<u64>,
+    /// With a fresh start (`--resume none`, or no checkpoint that verifies): delete the
+    /// checkpoints already under output.dir first, instead of refusing to mix two runs.
+    #[arg(long)]
+    overwrite: bool,
+    /// Resume even though the config differs from the checkpoint's in a key that changes the
+    /// training (batch size, seed, learning rate, objective, ...).
+    #[arg(long)]
+    allow_config_change: bool,
 }
 
 #[derive(Args)]
@@ -107,14 +119,16 @@ struct ModelArgs {
     /// A Hugging Face model folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// Sentence vector: first-token state (SimCSE's cls_before_pooler) or masked mean.
-    #[arg(long, value_enum, default_value = "cls")]
-    pooler: Pooling,
+    /// Sentence vector: first-token state (SimCSE's cls_before_pooler) or masked mean; default:
+    /// what the folder's 1_Pooling/config.json states (a kdmcse or sentence-transformers export),
+    /// else cls.
+    #[arg(long, value_enum)]
+    pooler: Option<Pooling>,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
 }
 
 #[derive(Args)]
@@ -167,7 +181,7 @@ fn main() {
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
-        std::process::exit(1);
+        std::process::exit(if InputError::is(&err) { InputError::EXIT_CODE } else { 1 });
     }
 }
 
@@ -186,19 +200,33 @@ fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
-    let device = kdmcse::train::device_for(&args.model.device)?;
-    let tasks = if args.tasks.is_empty() { Task::ALL.to_vec() } else { args.tasks };
+    let device = args.model.device.device()?;
+    let asked = !args.tasks.is_empty();
+    let tasks = if asked { args.tasks } else { Task::ALL.to_vec() };
     // Read (and validate) every task's files before spending time on the model.
+    in_range("--batch-size", args.model.batch_size, 1..)?;
+    if !args.data.is_dir() {
+        bail!("--data {}: no such folder", args.data.display());
+    }
     let mut loaded = Vec::new();
     let mut missing = Vec::new();
     for task in tasks {
         match eval::load_task(&args.data, task)? {
             Some(data) => loaded.push((task, data)),
+            None if asked => {
+                bail!("{}: no files of {} (asked for by --tasks)", args.data.display(), task.name())
+            }
             None => {
                 println!("{:<16} missing (no files under {})", task.name(), args.data.display());
                 missing.push(task.name());
             }
         }
+    }
+    if loaded.is_empty() {
+        bail!(
+            "{}: none of the STS tasks is there (expected stsb/, sick/, STS1x-en-test/)",
+            args.data.display()
+        );
     }
     let encoder = SentenceEncoder::load(&args.model.model, args.model.pooler, None, &device)?;
     let mut scores = serde_json::Map::new();
@@ -226,10 +254,14 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 }
 
 fn run_encode(args: EncodeArgs) -> Result<()> {
-    let device = kdmcse::train::device_for(&args.model.device)?;
-    let text = std::fs::read_to_string(&args.input)
-        .with_context(|| format!("cannot read {}", args.input.display()))?;
-    let sentences: Vec<&str> = text.lines().collect();
+    in_range("--batch-size", args.model.batch_size, 1..)?;
+    if let Some(max_len) = args.max_len {
+        // [CLS] sentence [SEP]: fewer tokens leave no room for the sentence.
+        in_range("--max-len", max_len, 3..)?;
+    }
+    let device = args.model.device.device()?;
+    let lines = kdmcse::data::read_lines(&args.input)?;
+    let sentences: Vec<&str> = lines.iter().map(String::as_str).collect();
     let encoder = SentenceEncoder::load(&args.model.model, args.model.pooler, args.max_len, &device)?;
     let bar = progress(sentences.len(), "encode");
     let embeddings = encoder.encode(&sentences, args.model.batch_size, |n| bar.inc(n as u64))?;
@@ -242,131 +274,98 @@ fn run_encode(args: EncodeArgs) -> Result<()> {
 }
 
 fn run_train(args: TrainArgs) -> Result<()> {
-    let config = TrainConfig::load(&args.config, &args.overrides)?;
+    let config = TrainConfig::load(&args.config, &args.overrides).map_err(InputError::wrap)?;
+    if std::env::var_os("KDMCSE_LAUNCHED_GPUS").is_some() && !config.train.device.is_gpu() {
+        return Err(InputError::wrap(anyhow::anyhow!(
+            "kdmcse-launch --gpus gave this worker a GPU, but train.device = {}: set train.device = \"cuda\" \
+             or launch CPU workers with --nproc",
+            config.train.device
+        )));
+    }
+    let device = config.train.device.device()?;
+    // Until training starts a signal just ends the process (nothing to save; a worker waiting in
+    // rendezvous must not hold its launcher for the grace period).
+    let group = kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded)?;
+    // Loading the model, corpora and dev set reads only what the config names.
+    let mut trainer = Trainer::new(config, group.comm.as_ref(), device).map_err(InputError::wrap)?;
+    let start = Start {
+        resume: args.resume,
+        overwrite: args.overwrite,
+        allow_config_change: args.allow_config_change,
+    };
+    trainer.resume(&start)?;
     kdmcse::train::install_stop_handler()?;
-    let device = kdmcse::train::device_for(&config.train.device)?;
-    let group = kdmcse::dist::init_from_env(&device)?;
-    let mut trainer = Trainer::new(config, group.comm.as_ref(), device)?;
-    trainer.resume(&args.resume)?;
     let summary = trainer.train(args.stop_after)?;
     tracing::info!(?summary, "done");
-    println!("{}", serde_json::to_string(&summary)?);
+    if group.comm.rank() == 0 {
+        kdmcse::events::emit("summary", serde_json::to_value(&summary)?);
+    }
     if summary.outcome == Outcome::Interrupted {
         std::process::exit(143); // stopped by a signal, checkpoint written: not finished
     }
     Ok(())
 }
 
+/// Runs every check, printing each result as a JSON line as soon as it is known: one that fails,
+/// or cannot run at all, is recorded and the others still run.
 fn run_check(args: CheckArgs) -> Result<()> {
-    let device = kdmcse::train::device_for(&args.device)?;
-    let group = kdmcse::dist::init_from_env(&device)?;
-    let mut checks = kdmcse::check::collectives(group.comm.as_ref(), &device)?;
-    checks.extend(kdmcse::check::dropout_masks(&device)?);
-    if let Some(model) = &args.model {
-        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
-            checks.extend(kdmcse::check::encoder(model, &device, dtype)?);
-        }
-    }
-    let rank = group.comm.rank();
-    for check in &checks {
-        let mut line = serde_json::to_value(check)?;
+    let device = args.device.device()?;
+    let mut failed = Vec::new();
+    let mut total = 0;
+    let mut report = |check: kdmcse::check::Check, rank: usize| {
+        let mut line = serde_json::to_value(&check).expect("a check serialises");
         line["rank"] = rank.into();
         println!("{line}");
+        total += 1;
+        if !check.passed {
+            failed.push(check.name);
+        }
+    };
+    let nccl_group =
+        if device.is_cuda() { Some(kdmcse::dist::init_from_env(&device, Nccl::Always)) } else { None };
+    let group = match nccl_group {
+        Some(Ok(group)) => group,
+        Some(Err(err)) => {
+            report(kdmcse::check::Check::failed("nccl_init", &err), 0);
+            // The other checks still run, over the TCP mesh.
+            kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded)?
+        }
+        None => kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded)?,
+    };
+    let rank = group.comm.rank();
+    let mut stage = |name: &str, run: &mut dyn FnMut(kdmcse::check::Report) -> Result<()>| {
+        if let Err(err) = run(&mut |check| report(check, rank)) {
+            report(kdmcse::check::Check::failed(name, &err), rank);
+        }
+    };
+    stage("kernels", &mut |r| kdmcse::check::kernels(&device, r));
+    stage("collectives", &mut |r| kdmcse::check::collectives(group.comm.as_ref(), &device, r));
+    stage("dropout_masks", &mut |r| kdmcse::check::dropout_masks(&device, r));
+    if let Some(model) = &args.model {
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            let name = format!("encoder_{dtype:?}").to_lowercase();
+            stage(&name, &mut |r| kdmcse::check::encoder(model, &device, dtype, r));
+        }
     }
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
     if !failed.is_empty() {
-        bail!("rank {rank}: {} of {} checks failed: {}", failed.len(), checks.len(), failed.join(", "));
+        bail!("rank {rank}: {} of {total} checks failed: {}", failed.len(), failed.join(", "));
     }
     Ok(())
 }
 
 fn run_export(args: ExportArgs) -> Result<()> {
-    let checkpoint = match kdmcse::checkpoint::split_location(&args.checkpoint) {
-        Some((root, name)) => CheckpointStore::open(root)?.load(name)?,
-        None => CheckpointStore::open(&args.checkpoint)?
-            .load_newest()?
-            .with_context(|| format!("no checkpoint that verifies under {}", args.checkpoint))?,
-    };
+    let checkpoint = kdmcse::checkpoint::layout::open(&args.checkpoint, None)?;
     let files = kdmcse::export::export_files(&checkpoint)?;
     kdmcse::export::write_dir(&files, &args.out)?;
     tracing::info!(checkpoint = %checkpoint.name, out = %args.out.display(), "exported");
     Ok(())
 }
 
-/// Captions grouped by image: (image name, image file, captions).
-type CaptionedImages = Vec<(String, PathBuf, Vec<String>)>;
-
-/// Reads a COCO captions JSON (images in id order, captions in annotation order) keeping the
-/// images present in `images`, or `FILE<TAB>CAPTION` lines (every image must exist).
-fn read_captions(path: &std::path::Path, images: &std::path::Path) -> Result<CaptionedImages> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if path.extension().is_some_and(|e| e == "json") {
-        #[derive(serde::Deserialize)]
-        struct Image {
-            id: u64,
-            file_name: String,
-        }
-        #[derive(serde::Deserialize)]
-        struct Annotation {
-            id: u64,
-            image_id: u64,
-            caption: String,
-        }
-        #[derive(serde::Deserialize)]
-        struct Coco {
-            images: Vec<Image>,
-            annotations: Vec<Annotation>,
-        }
-        let mut coco: Coco = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a COCO captions file", path.display()))?;
-        coco.images.sort_by_key(|i| i.id);
-        coco.annotations.sort_by_key(|a| a.id);
-        let mut out: CaptionedImages = Vec::new();
-        let mut index = std::collections::HashMap::new();
-        let mut absent = 0;
-        for image in &coco.images {
-            let file = images.join(&image.file_name);
-            if file.is_file() {
-                index.insert(image.id, out.len());
-                out.push((image.id.to_string(), file, Vec::new()));
-            } else {
-                absent += 1;
-            }
-        }
-        for a in coco.annotations {
-            if let Some(&i) = index.get(&a.image_id) {
-                out[i].2.push(a.caption);
-            }
-        }
-        if absent > 0 {
-            tracing::warn!(absent, present = out.len(), folder = %images.display(), "images of the captions file not in the folder are left out");
-        }
-        out.retain(|(_, _, captions)| !captions.is_empty());
-        Ok(out)
-    } else {
-        let mut out: CaptionedImages = Vec::new();
-        let mut index = std::collections::HashMap::new();
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let (file, caption) = line
-                .split_once('\t')
-                .with_context(|| format!("{}:{}: expected IMAGE_FILE<TAB>CAPTION", path.display(), n + 1))?;
-            let i = *index.entry(file.to_owned()).or_insert_with(|| {
-                out.push((file.to_owned(), images.join(file), Vec::new()));
-                out.len() - 1
-            });
-            if !out[i].1.is_file() {
-                bail!("{}:{}: image {} not found", path.display(), n + 1, out[i].1.display());
-            }
-            out[i].2.push(caption.to_owned());
-        }
-        Ok(out)
-    }
-}
-
 fn run_precompute(args: PrecomputeArgs) -> Result<()> {
-    let device = kdmcse::train::device_for(&args.device)?;
+    in_range("--batch-size", args.batch_size, 1..)?;
+    let device = args.device.device()?;
     let teacher = kdmcse::model::clip::ClipTeacher::load(&args.clip, &device)?;
-    let grouped = read_captions(&args.captions, &args.images)?;
+    let grouped = kdmcse::data::captions::read_captions(&args.captions, &args.images)?;
     if grouped.is_empty() {
         bail!("no captioned images: {} against {}", args.captions.display(), args.images.display());
     }

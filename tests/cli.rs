@@ -4,11 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn kdmcse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kdmcse")).args(args).output().expect("run kdmcse")
-}
+use common::process::{assert_fails_with, kdmcse};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -74,28 +72,33 @@ fn encode_writes_the_golden_embeddings() {
     let output = dir.path().join("out.safetensors");
     let lines: Vec<&str> = keep.iter().map(|&i| sentences[i]).collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
-    let out = kdmcse(&[
-        "encode",
-        "--model",
-        common::minilm_dir().to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--batch-size",
-        "3",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let written = candle_core::safetensors::load(&output, &candle_core::Device::Cpu).unwrap();
-    let ours = &written["embeddings"];
-    let index = candle_core::Tensor::new(
-        keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let expected = golden["full/cls"].index_select(&index, 0).unwrap();
-    let diff = common::max_abs_diff(ours, &expected);
-    assert!(diff < 1e-4, "encode vs golden full/cls: {diff}");
+    // MiniLM's folder states mean pooling (1_Pooling/config.json): encode follows it unless told.
+    let minilm = common::minilm_dir();
+    for (pooler, golden_key) in [(None, "full/mean"), (Some("cls"), "full/cls")] {
+        let mut args = vec![
+            "encode",
+            "--model",
+            minilm.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--batch-size",
+            "3",
+        ];
+        args.extend(pooler.iter().flat_map(|p| ["--pooler", p]));
+        let out = kdmcse(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let written = candle_core::safetensors::load(&output, &candle_core::Device::Cpu).unwrap();
+        let index = candle_core::Tensor::new(
+            keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let expected = golden[golden_key].index_select(&index, 0).unwrap();
+        let diff = common::max_abs_diff(&written["embeddings"], &expected);
+        assert!(diff < 1e-4, "encode (--pooler {pooler:?}) vs golden {golden_key}: {diff}");
+    }
 }
 
 fn copy_model_without(dir: &Path, skip: &str) {
@@ -105,15 +108,6 @@ fn copy_model_without(dir: &Path, skip: &str) {
             std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
         }
     }
-}
-
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure");
-    let err = stderr(out);
-    for needle in needles {
-        assert!(err.contains(needle), "error should mention {needle:?}: {err}");
-    }
-    assert!(!err.contains("panicked"), "a panic is not an error message: {err}");
 }
 
 #[test]

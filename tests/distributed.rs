@@ -12,25 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-
-fn kdmcse_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_kdmcse"))
-}
-
-/// The launcher is the workspace's other binary, built beside `kdmcse`.
-fn launcher_bin() -> PathBuf {
-    let path = kdmcse_bin().with_file_name("kdmcse-launch");
-    assert!(
-        path.is_file(),
-        "{} not built: cargo build --workspace --release (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::process::{assert_ok, event, free_port, kdmcse_bin, kill, launcher};
 
 /// KDMCSE with margins, the cosine filter and dropout; output under `DIR/out`.
 fn write_config(dir: &Path, batch_size: usize, steps: usize) -> PathBuf {
@@ -39,31 +21,6 @@ fn write_config(dir: &Path, batch_size: usize, steps: usize) -> PathBuf {
 
 fn final_weights(run: &Path) -> Vec<(String, Tensor)> {
     common::latest_weights(&run.join("out"))
-}
-
-fn launcher(args: &[&str]) -> Command {
-    let mut cmd = Command::new(launcher_bin());
-    cmd.args(args).env("KDMCSE_BIN", kdmcse_bin()).env("RUST_BACKTRACE", "0").env("KDMCSE_TIMEOUT", "60");
-    cmd
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "failed ({:?}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| v["loss"].as_f64())
-        .collect()
 }
 
 const STEPS: usize = 20;
@@ -85,7 +42,7 @@ fn two_ranks_train_the_model_of_one_rank_with_twice_the_batch() {
     let stdout = String::from_utf8_lossy(&out.stderr);
     assert!(stdout.contains("[rank 1]"), "worker output is prefixed with its rank");
 
-    let (a, b) = (losses(single.path()), losses(double.path()));
+    let (a, b) = (common::step_losses(single.path()), common::step_losses(double.path()));
     assert_eq!(a.len(), STEPS);
     assert_eq!(b.len(), STEPS);
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -120,19 +77,19 @@ fn two_ranks_train_the_model_of_one_rank_with_twice_the_batch() {
     let (n0, n1) = (node("0"), node("1"));
     assert_ok(&n0.wait_with_output().unwrap());
     assert_ok(&n1.wait_with_output().unwrap());
-    assert_eq!(losses(nodes.path()), b, "two nodes log the losses of --nproc 2");
+    assert_eq!(common::step_losses(nodes.path()), b, "two nodes log the losses of --nproc 2");
     assert_eq!(common::max_weight_diff(&final_weights(nodes.path()), &final_weights(double.path())), 0.0);
 }
 
-/// Reads the launcher's stderr until `pred` matches a line; returns the line.
-fn wait_for_line(
+/// Reads events from the launcher's standard output until `pred` matches one; returns it.
+fn wait_for_event(
     lines: &mut impl Iterator<Item = String>,
     what: &str,
-    pred: impl Fn(&str) -> bool,
-) -> String {
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     for line in lines.by_ref() {
-        if pred(&line) {
-            return line;
+        if let Some(e) = event(&line).filter(|e| pred(e)) {
+            return e;
         }
     }
     panic!("launcher output ended before {what}");
@@ -162,32 +119,33 @@ fn a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted() {
         "--config",
         cfg.to_str().unwrap(),
     ])
-    .stdout(Stdio::null())
+    .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
-    let joined = wait_for_line(&mut lines, "rank 1 joining", |l| {
-        l.starts_with("[rank 1]") && l.contains("joined the job")
+    let stderr = child.stderr.take().unwrap();
+    let log =
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok);
+    let joined = wait_for_event(&mut lines, "rank 1 joining", |e| e["event"] == "joined" && e["rank"] == 1);
+    let pid = joined["pid"].as_i64().unwrap() as i32;
+    wait_for_event(&mut lines, "the step-4 checkpoint", |e| {
+        e["event"] == "checkpoint_saved" && e["step"] == 4
     });
-    let pid: i32 =
-        joined.split("pid=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
-    wait_for_line(&mut lines, "the step-4 checkpoint", |l| {
-        l.contains("checkpoint saved") && l.contains("step-00000004")
-    });
-    // SAFETY: signalling a worker process this test started (through the launcher).
-    assert_eq!(unsafe { libc_kill(pid, 9) }, 0);
-    let rest: Vec<String> = lines.collect();
+    kill(pid, 9);
+    let resumed: Vec<serde_json::Value> =
+        lines.filter_map(|l| event(&l)).filter(|e| e["event"] == "resumed").collect();
     let status = child.wait().unwrap();
-    assert!(status.success(), "launcher failed after the restart:\n{}", rest.join("\n"));
-    assert!(rest.iter().any(|l| l.contains("restarting the group")), "{}", rest.join("\n"));
-    assert!(rest.iter().any(|l| l.contains("resumed")), "the restarted group resumes from a checkpoint");
+    let log = log.join().unwrap();
+    assert!(status.success(), "launcher failed after the restart:\n{}", log.join("\n"));
+    assert!(log.iter().any(|l| l.contains("restarting the group")), "{}", log.join("\n"));
+    // Rank 0 fails too (its peer is gone), but the launcher names the rank that failed first.
+    assert!(log.iter().any(|l| l.contains("rank 1 failed with signal 9")), "{}", log.join("\n"));
+    assert_eq!(resumed.len(), 2, "both ranks of the restarted group resume: {resumed:?}");
+    assert!(resumed
+        .iter()
+        .all(|e| e["step"].as_u64().unwrap() >= 4 && e["checkpoint"] == resumed[0]["checkpoint"]));
     assert_eq!(common::max_weight_diff(&final_weights(straight.path()), &final_weights(faulty.path())), 0.0);
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 /// Processes whose command line mentions `needle`.
@@ -279,8 +237,10 @@ fn collective_checks_pass_on_two_ranks_and_on_a_launched_world_of_one() {
         for (rank, out) in check_ranks(world, &extra).iter().enumerate() {
             assert_ok(out);
             let stdout = String::from_utf8_lossy(&out.stdout);
-            let checks: Vec<serde_json::Value> =
-                stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            let (events, checks): (Vec<serde_json::Value>, Vec<serde_json::Value>) = stdout
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .partition(|v: &serde_json::Value| v.get("event").is_some());
             for name in
                 ["all_gather", "all_reduce_sum", "all_reduce_grads", "gather_with_local_grad", "barrier"]
             {
@@ -293,11 +253,71 @@ fn collective_checks_pass_on_two_ranks_and_on_a_launched_world_of_one() {
             let encoder_checks =
                 checks.iter().filter(|c| c["name"].as_str().unwrap().starts_with("encoder_")).count();
             assert_eq!(encoder_checks, if extra.is_empty() { 0 } else { 4 }, "{stdout}");
-            let joined = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                joined.contains("joined the job") && joined.contains(&format!("world_size={world}")),
-                "{joined}"
+            let joined: Vec<_> = events.iter().filter(|e| e["event"] == "joined").collect();
+            assert_eq!(joined.len(), 1, "{stdout}");
+            assert_eq!(
+                (&joined[0]["rank"], &joined[0]["world_size"]),
+                (&rank.into(), &world.into()),
+                "{stdout}"
             );
         }
     }
+}
+
+/// Pre-emption: SIGTERM to `kdmcse-launch` in the middle of a run. The ranks agree on a step,
+/// checkpoint it and exit; the launcher exits 143 (128 + SIGTERM) within its grace period;
+/// `latest` is the interrupted step, and resuming ends bitwise where an uninterrupted run ends.
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_at_one_step_and_the_resume_is_exact() {
+    let (straight, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 8;
+    let cfg = write_config(straight.path(), 8, steps);
+    let port = free_port().to_string();
+    assert_ok(
+        &launcher(&["--nproc", "2", "--master-port", &port, "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+
+    let cfg = write_config(stopped.path(), 8, steps);
+    let port = free_port().to_string();
+    let args =
+        ["--nproc", "2", "--master-port", &port, "--stop-timeout-s", "30", "--config", cfg.to_str().unwrap()];
+    let mut child = launcher(&args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok);
+    wait_for_event(&mut lines, "the step-2 checkpoint", |e| {
+        e["event"] == "checkpoint_saved" && e["step"] == 2
+    });
+    let sent = Instant::now();
+    kill(child.id() as i32, 15);
+    let rest: Vec<serde_json::Value> = lines.filter_map(|l| event(&l)).collect();
+    let status = child.wait().unwrap();
+    assert!(sent.elapsed() < Duration::from_secs(30), "stopping took {:?}", sent.elapsed());
+    assert_eq!(status.code(), Some(143), "{rest:?}");
+    let summary =
+        rest.iter().find(|e| e["event"] == "summary").unwrap_or_else(|| panic!("no summary: {rest:?}"));
+    assert_eq!(summary["outcome"], "interrupted");
+    let at = summary["steps"].as_u64().unwrap();
+    assert!((2..steps as u64).contains(&at), "stopped at step {at}");
+    let latest = std::fs::read_to_string(stopped.path().join("out/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{at:08}"), "latest is the interrupted step");
+
+    let resumed = launcher(&args).output().unwrap();
+    assert_ok(&resumed);
+    let events = common::process::events(&resumed.stdout, "resumed");
+    assert!(events.len() == 2 && events.iter().all(|e| e["step"] == at), "{events:?}");
+    assert_eq!(common::max_weight_diff(&final_weights(straight.path()), &final_weights(stopped.path())), 0.0);
+}
+
+/// Model selection on 2 ranks: rank 0 evaluates, every rank agrees on the best step, and the
+/// best checkpoint survives retention and is exported.
+#[test]
+fn two_ranks_keep_and_export_the_best_checkpoint() {
+    let run = tempfile::tempdir().unwrap();
+    let cfg = write_config(run.path(), 4, 6);
+    let port = free_port().to_string();
+    let args = ["--nproc", "2", "--master-port", &port, "--", "--config", cfg.to_str().unwrap()];
+    let sets = ["--set", "train.eval_steps=2", "--set", "output.keep=1", "--set", "train.lr=5e-4"];
+    assert_ok(&launcher(&args).args(sets).output().unwrap());
+    common::assert_best_is_kept_and_exported(run.path(), &run.path().join("out"), 6);
 }

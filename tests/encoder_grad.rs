@@ -4,19 +4,20 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, VarBuilder, VarMap};
+use kdmcse::data::TokenBatch;
 use kdmcse::loss::{Grounding, Objective};
 use kdmcse::model::bert::{BertModel, Config, ModelType};
 use kdmcse::model::dropout::{example_key, Dropout};
 use kdmcse::model::heads::Heads;
 use kdmcse::model::Pooling;
 
-fn batch(device: &Device, cfg: &Config) -> (Tensor, Tensor, Tensor) {
+fn batch(device: &Device, cfg: &Config) -> TokenBatch {
     let pad = cfg.pad_token_id as u32;
     let ids =
         Tensor::new(&[[5u32, 17, 42, 8, 3, 9], [5, 66, 12, 3, pad, pad], [5, 90, 3, pad, pad, pad]], device)
             .unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], device).unwrap();
-    (ids.clone(), ids.zeros_like().unwrap(), mask)
+    TokenBatch { token_type_ids: ids.zeros_like().unwrap(), input_ids: ids, attention_mask: mask }
 }
 
 fn dropout(view: u64) -> Dropout {
@@ -32,9 +33,9 @@ fn every_parameter_gets_a_nonzero_gradient() {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let model = BertModel::load(vb.pp("encoder"), &cfg).unwrap();
         let heads = Heads::load(vb.pp("heads"), cfg.hidden_size, 8, 12).unwrap();
-        let (ids, types, mask) = batch(&device, &cfg);
-        let h1 = model.embed(&ids, &types, &mask, &dropout(0), Pooling::Cls).unwrap();
-        let h2 = model.embed(&ids, &types, &mask, &dropout(1), Pooling::Cls).unwrap();
+        let tokens = batch(&device, &cfg);
+        let h1 = model.embed(&tokens, &dropout(0), Pooling::Cls).unwrap();
+        let h2 = model.embed(&tokens, &dropout(1), Pooling::Cls).unwrap();
         let img = Tensor::randn(0f32, 1.0, (3, 12), &device).unwrap();
         let cap = Tensor::randn(0f32, 1.0, (3, 12), &device).unwrap();
         let (v, t) = (heads.image.forward(&img).unwrap(), heads.caption.forward(&cap).unwrap());
@@ -73,11 +74,11 @@ fn encoder_gradients_match_finite_differences() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &device);
     let model = BertModel::load(vb, &cfg).unwrap();
-    let (ids, types, mask) = batch(&device, &cfg);
+    let tokens = batch(&device, &cfg);
     let drop = dropout(0);
     let probe = Tensor::randn(0f64, 1.0, (3, 6, cfg.hidden_size), &device).unwrap();
     let f = || -> Tensor {
-        let hidden = model.forward(&ids, &types, &mask, &drop).unwrap();
+        let hidden = model.forward(&tokens, &drop).unwrap();
         (hidden * &probe).unwrap().sum_all().unwrap()
     };
     let grads = f().backward().unwrap();
@@ -118,9 +119,10 @@ fn first_token_shortcut_equals_the_full_forward() {
     let cfg = Config::tiny(ModelType::Bert);
     let varmap = VarMap::new();
     let model = BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg).unwrap();
-    let (ids, types, mask) = batch(&device, &cfg);
-    let full = Pooling::Cls.pool(&model.forward(&ids, &types, &mask, &dropout(0)).unwrap(), &mask).unwrap();
-    let short = model.embed(&ids, &types, &mask, &dropout(0), Pooling::Cls).unwrap();
+    let tokens = batch(&device, &cfg);
+    let full =
+        Pooling::Cls.pool(&model.forward(&tokens, &dropout(0)).unwrap(), &tokens.attention_mask).unwrap();
+    let short = model.embed(&tokens, &dropout(0), Pooling::Cls).unwrap();
     let diff = (&full - &short).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-6, "CLS shortcut differs by {diff}");
     let probe = Tensor::randn(0f32, 1.0, full.shape(), &device).unwrap();
@@ -145,10 +147,10 @@ fn bf16_mixed_precision_tracks_fp32() {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let fp32 = BertModel::load(vb.clone(), &cfg).unwrap();
     let bf16 = BertModel::load(vb, &cfg).unwrap().with_compute_dtype(DType::BF16);
-    let (ids, types, mask) = batch(&device, &cfg);
+    let tokens = batch(&device, &cfg);
     let probe = Tensor::randn(0f32, 1.0, (3, cfg.hidden_size), &device).unwrap();
     let run = |model: &BertModel| {
-        let pooled = model.embed(&ids, &types, &mask, &dropout(0), Pooling::Avg).unwrap();
+        let pooled = model.embed(&tokens, &dropout(0), Pooling::Avg).unwrap();
         assert_eq!(pooled.dtype(), DType::F32);
         let grads = (&pooled * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let vars = varmap.all_vars();

@@ -12,9 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::s3::{free_port, open_store, s3_env, S3Server, BUCKET};
+use common::process::free_port;
+use common::s3::{open_store, s3_env, S3Server, BUCKET};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service};
+use kdmcse::checkpoint::Pointer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -105,8 +107,26 @@ fn overlays_render_and_validate() {
         }
         assert!(args.windows(2).any(|w| w == ["--resume", "auto"]), "{overlay}: pods resume");
         assert!(r.config.data.as_ref().unwrap().contains_key("train.toml"));
+        // Pre-emption and drains are not failures; a config error (exit 2) fails the Job at once.
         let policy = spec.pod_failure_policy.as_ref().unwrap();
-        assert!(policy.rules.iter().any(|r| r.action == "Ignore"), "pre-emption is not a failure");
+        let ignores_disruption = policy.rules.iter().any(|rule| {
+            rule.action == "Ignore"
+                && rule
+                    .on_pod_conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+        });
+        assert!(ignores_disruption, "{overlay}: pre-emption must not count as a failure");
+        let fails_on_2 = policy.rules.iter().any(|rule| {
+            rule.action == "FailJob"
+                && rule.on_exit_codes.as_ref().is_some_and(|codes| {
+                    codes.operator == "In"
+                        && codes.values == [2]
+                        && codes.container_name.as_deref() == Some("trainer")
+                })
+        });
+        assert!(fails_on_2, "{overlay}: exit code 2 (bad config) must fail the Job");
     }
 }
 
@@ -162,28 +182,34 @@ fn start_pod(
         })
         .collect();
     assert_eq!(r.container.command.as_deref(), Some(&["kdmcse-launch".to_owned()][..]));
-    let launcher = PathBuf::from(env!("CARGO_BIN_EXE_kdmcse")).with_file_name("kdmcse-launch");
-    let mut cmd = Command::new(launcher);
+    let mut cmd = Command::new(common::process::launcher_bin());
     s3_env(&mut cmd, s3_port)
         .args(&args)
         .envs(&env)
         .env("JOB_COMPLETION_INDEX", index.to_string())
         .env("KDMCSE_BIN", env!("CARGO_BIN_EXE_kdmcse"))
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            log.lock().unwrap().push_str(&format!("{line}\n"));
-        }
-    });
+    let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let read = |stream: Box<dyn std::io::Read + Send>, log: Arc<Mutex<String>>| {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                log.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        })
+    };
+    read(Box::new(stdout), log.clone());
+    read(Box::new(stderr), log);
     child
 }
 
-extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
+/// Whether a pod's output holds an event named `name` with these fields.
+fn has_event(log: &str, name: &str, fields: &[(&str, serde_json::Value)]) -> bool {
+    log.lines()
+        .filter_map(common::process::event)
+        .any(|e| e["event"] == name && fields.iter().all(|(k, v)| e[*k] == *v))
 }
 
 #[test]
@@ -197,7 +223,7 @@ fn two_node_pod_commands_train_to_s3_and_recover_from_a_lost_node() {
     let mut node0 = start_pod(&r, 0, &config, port, server.port, log0.clone());
     let mut node1 = start_pod(&r, 1, &config, port, server.port, log1.clone());
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !log0.lock().unwrap().contains("checkpoint saved checkpoint=step-00000002") {
+    while !has_event(&log0.lock().unwrap(), "checkpoint_saved", &[("step", 2.into())]) {
         assert!(
             Instant::now() < deadline,
             "no checkpoint:\n{}\n{}",
@@ -207,8 +233,7 @@ fn two_node_pod_commands_train_to_s3_and_recover_from_a_lost_node() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Node 1's pod dies (its whole process group), and the Job starts a replacement.
-    // SAFETY: signalling the process group this test created.
-    assert_eq!(unsafe { kill(-(node1.id() as i32), 9) }, 0);
+    common::process::kill(-(node1.id() as i32), 9);
     let _ = node1.wait();
     let log1b = Arc::new(Mutex::new(String::new()));
     let mut node1b = start_pod(&r, 1, &config, port, server.port, log1b.clone());
@@ -216,8 +241,22 @@ fn two_node_pod_commands_train_to_s3_and_recover_from_a_lost_node() {
     let (l0, l1) = (log0.lock().unwrap().clone(), log1b.lock().unwrap().clone());
     assert!(s0.success() && s1.success(), "node 0 {s0:?}:\n{l0}\nnode 1 {s1:?}:\n{l1}");
     assert!(l0.contains("restarting the group"), "node 0 restarts its workers:\n{l0}");
-    assert!(l0.contains("resumed") && l1.contains("resumed"), "both resume from the checkpoint:\n{l0}\n{l1}");
+    assert!(
+        has_event(&l0, "resumed", &[("rank", 0.into())]) && has_event(&l1, "resumed", &[("rank", 1.into())]),
+        "both resume from the checkpoint:\n{l0}\n{l1}"
+    );
     let store = open_store(&format!("s3://{BUCKET}/k8s-run"), server.port);
-    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000008"));
+    assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000008"));
     assert_eq!(store.load_newest().unwrap().unwrap().step, 8);
+    // The recovered run trained the model an uninterrupted one does (2 workers, same config).
+    let straight = dir.path().join("straight");
+    let output = format!("output.dir=\"{}\"", straight.display());
+    let port = free_port().to_string();
+    let reference = common::process::launcher(&["--nproc", "2", "--master-port", &port, "--"])
+        .args(["--config", config.to_str().unwrap(), "--set", "train.device=\"cpu\"", "--set", &output])
+        .output()
+        .unwrap();
+    common::process::assert_ok(&reference);
+    let recovered = common::checkpoint_weights(&store, "step-00000008");
+    assert_eq!(common::max_weight_diff(&recovered, &common::latest_weights(&straight)), 0.0);
 }

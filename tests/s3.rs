@@ -5,18 +5,18 @@
 
 mod common;
 
-use common::s3::{free_port, open_store, s3_env, S3Server, BUCKET};
+use common::process::{assert_ok, event, free_port, kdmcse_command as kdmcse, launcher_bin};
+use common::s3::{open_store, s3_env, S3Server, BUCKET};
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use kdmcse::checkpoint::CheckpointStore;
+use kdmcse::checkpoint::{CheckpointStore, Pointer};
 
 /// A TCP forwarder in front of the server whose connections the test can cut.
 struct Proxy {
@@ -72,14 +72,6 @@ impl Proxy {
     }
 }
 
-fn kdmcse() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kdmcse"))
-}
-
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "failed:\n{}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// Runs a local (filesystem) reference of `steps` steps and returns its final weights.
 fn local_reference(steps: usize) -> Vec<(String, Tensor)> {
     let dir = tempfile::tempdir().unwrap();
@@ -87,7 +79,7 @@ fn local_reference(steps: usize) -> Vec<(String, Tensor)> {
     let cfg = common::quick_config(dir.path(), out.to_str().unwrap(), 8, steps);
     assert_ok(&kdmcse().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
     let store = CheckpointStore::open(out.to_str().unwrap()).unwrap();
-    let latest = store.pointer("latest").unwrap().unwrap();
+    let latest = store.pointer(Pointer::Latest).unwrap().unwrap();
     common::checkpoint_weights(&store, &latest)
 }
 
@@ -106,7 +98,7 @@ fn save_list_resume_retention_and_export_over_s3() {
     let store = open_store(&url, server.port);
     // keep = 1: only the newest checkpoint (which `latest` points to) remains.
     assert_eq!(store.list().unwrap(), ["step-00000004"]);
-    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000004"));
+    assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000004"));
     let four = common::checkpoint_weights(&store, "step-00000004");
     // Resume from S3 and train 2 more steps.
     let out = s3_env(&mut kdmcse(), server.port)
@@ -118,11 +110,16 @@ fn save_list_resume_retention_and_export_over_s3() {
             "train.max_steps=6",
             "--set",
             "output.keep=1",
+            "--allow-config-change",
         ])
         .output()
         .unwrap();
     assert_ok(&out);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed"));
+    let resumed = common::process::events(&out.stdout, "resumed");
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!((&resumed[0]["checkpoint"], &resumed[0]["step"]), (&"step-00000004".into(), &4.into()));
+    let steps: Vec<u64> = common::step_numbers(&dir.path().join("metrics.jsonl"));
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6], "the resumed run took steps 5 and 6 only");
     assert_eq!(store.list().unwrap(), ["step-00000006"]);
     assert_ne!(
         common::max_abs_diff(&four[0].1, &common::checkpoint_weights(&store, "step-00000006")[0].1),
@@ -152,7 +149,7 @@ fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_lates
     let mut child = s3_env(&mut kdmcse(), proxy.port)
         .args(["train", "--config", cfg.to_str().unwrap()])
         .stderr(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stderr = child.stderr.take().unwrap();
@@ -169,31 +166,35 @@ fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_lates
             }
         })
     };
-    let wait_for = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !log.lock().unwrap().contains(needle) {
-            assert!(Instant::now() < deadline, "never saw {needle:?}:\n{}", log.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    let mut events =
+        BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok).filter_map(|l| event(&l));
+    // The events in order: each wait consumes the stream up to the event it waits for, so the
+    // retry must come after step 2's upload began and before it was committed.
+    let mut wait_for = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let found = events.by_ref().find(|e| pred(e));
+        found.unwrap_or_else(|| panic!("never saw {what}:\n{}", log.lock().unwrap()))
     };
-    wait_for("writing checkpoint checkpoint=step-00000002");
-    std::thread::sleep(Duration::from_millis(300));
+    let step =
+        |name: &'static str, step: u64| move |e: &serde_json::Value| e["event"] == name && e["step"] == step;
+    wait_for("step 2's upload", &step("checkpoint_writing", 2));
     proxy.cut();
-    std::thread::sleep(Duration::from_millis(1500));
+    let retry = wait_for("a retry inside step 2's upload", &|e| {
+        e["event"] == "store_retry" || (e["event"] == "checkpoint_saved" && e["step"] == 2)
+    });
+    assert_eq!(retry["event"], "store_retry", "step 2 was committed without a retry");
+    assert!(retry["object"].as_str().unwrap().contains("step-00000002"), "{retry}");
     proxy.restore();
-    wait_for("checkpoint saved checkpoint=step-00000002");
-    wait_for("writing checkpoint checkpoint=step-00000004");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("step 2's commit", &step("checkpoint_saved", 2));
+    wait_for("step 4's upload", &step("checkpoint_writing", 4));
     proxy.cut();
     let status = child.wait().unwrap();
     reader.join().unwrap();
     let log = log.lock().unwrap().clone();
     assert!(!status.success(), "the run must fail when storage stays down:\n{log}");
-    assert!(log.contains("retrying"), "retries are reported:\n{log}");
     assert!(log.contains("cannot write"), "the failure names what could not be written:\n{log}");
 
     let store = open_store(&url, server.port);
-    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000002"));
+    assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000002"));
     assert_eq!(store.load_newest().unwrap().unwrap().name, "step-00000002");
 
     // Storage is back: resume picks the last good checkpoint and ends where a clean run does.
@@ -204,7 +205,7 @@ fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_lates
             .output()
             .unwrap(),
     );
-    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000006"));
+    assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000006"));
     assert_eq!(
         common::max_weight_diff(&common::checkpoint_weights(&store, "step-00000006"), &reference),
         0.0
@@ -237,7 +238,7 @@ fn corrupted_weights_fail_the_manifest_check_and_resume_falls_back() {
 fn two_ranks_stop_and_resume_through_s3_equal_an_uninterrupted_run() {
     let server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let launcher = PathBuf::from(env!("CARGO_BIN_EXE_kdmcse")).with_file_name("kdmcse-launch");
+    let launcher = launcher_bin();
     let run = |url: &str, extra: &[&str]| {
         let cfg = common::quick_config(dir.path(), url, 8, 6);
         let mut cmd = Command::new(&launcher);
@@ -253,15 +254,21 @@ fn two_ranks_stop_and_resume_through_s3_equal_an_uninterrupted_run() {
                 cfg.to_str().unwrap(),
             ])
             .args(extra);
-        assert_ok(&cmd.output().unwrap());
+        let out = cmd.output().unwrap();
+        assert_ok(&out);
+        out
     };
     let straight = format!("s3://{BUCKET}/runs/straight");
     let resumed = format!("s3://{BUCKET}/runs/resumed");
     run(&straight, &[]);
     run(&resumed, &["--stop-after", "3"]);
     let store = open_store(&resumed, server.port);
-    assert_eq!(store.pointer("latest").unwrap().as_deref(), Some("step-00000003"));
-    run(&resumed, &[]);
+    assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000003"));
+    let out = run(&resumed, &[]);
+    // Both ranks resumed at step 3 (a run that silently started over would end in the same bits).
+    let events = common::process::events(&out.stdout, "resumed");
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().all(|e| e["checkpoint"] == "step-00000003"), "{events:?}");
     let a = common::checkpoint_weights(&open_store(&straight, server.port), "step-00000006");
     assert_eq!(common::max_weight_diff(&a, &common::checkpoint_weights(&store, "step-00000006")), 0.0);
 }

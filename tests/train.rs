@@ -4,40 +4,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-
-fn kdmcse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kdmcse"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run kdmcse")
-}
+use common::process::{assert_fails_with, assert_ok, kdmcse, train};
 
 /// Six quick steps with output under `DIR/out`.
 fn quick(dir: &Path) -> PathBuf {
     common::quick_config(dir, dir.join("out").to_str().unwrap(), 8, 6)
-}
-
-fn train(config: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["train", "--config", config.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    kdmcse(&args)
-}
-
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "kdmcse failed:\n{}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure");
-    let err = String::from_utf8_lossy(&out.stderr);
-    for needle in needles {
-        assert!(err.contains(needle), "error should mention {needle:?}:\n{err}");
-    }
-    assert!(!err.contains("panicked"), "a panic is not an error message:\n{err}");
 }
 
 #[test]
@@ -53,21 +26,23 @@ fn same_seed_same_weights_and_resume_equals_uninterrupted() {
     let config = quick(c.path());
     assert_ok(&train(&config, &["--stop-after", "3"]));
     assert_eq!(std::fs::read_to_string(c.path().join("out/latest")).unwrap().trim(), "step-00000003");
-    assert_ok(&train(&config, &["--resume", "auto"]));
+    let resumed = train(&config, &["--resume", "auto"]);
+    assert_ok(&resumed);
     assert_eq!(common::max_weight_diff(&straight, &common::latest_weights(&c.path().join("out"))), 0.0);
-    // The untrained student would differ: training did change the weights.
+    // It really resumed (a fresh run would end in the same bits): from step 3, taking steps 4-6.
+    let events = common::process::events(&resumed.stdout, "resumed");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!((&events[0]["checkpoint"], &events[0]["step"]), (&"step-00000003".into(), &3.into()));
+    assert_eq!(common::step_numbers(&c.path().join("metrics.jsonl")), [1, 2, 3, 4, 5, 6]);
+    // Training changed the weights, and mixed paired batches in every second step.
+    let base =
+        candle_core::safetensors::load(common::minilm_dir().join("model.safetensors"), &Device::Cpu).unwrap();
+    let (name, trained) =
+        straight.iter().find(|(n, _)| n.ends_with("layer.0.attention.self.query.weight")).unwrap();
+    let initial = base.iter().find(|(k, _)| name.ends_with(k.as_str())).map(|(_, t)| t).unwrap();
+    assert!(common::max_abs_diff(trained, initial) > 0.0, "{name} did not move");
     let metrics = std::fs::read_to_string(a.path().join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().filter(|l| l.contains("\"kind\":\"paired\"")).count(), 3);
-}
-
-/// The losses in a run's metrics file, one per step.
-fn step_losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-        .filter_map(|record| record["loss"].as_f64())
-        .collect()
 }
 
 /// `train.precision = "bf16"` trains the same run as fp32 up to bf16 rounding: the same
@@ -81,7 +56,7 @@ fn bf16_training_tracks_fp32() {
         &["--set", "train.max_steps=2", "--set", "train.phase_timings=true"],
     ));
     assert_ok(&train(&quick(bf16.path()), &["--set", "train.max_steps=2", "--set", "train.precision=bf16"]));
-    let (l32, l16) = (step_losses(fp32.path()), step_losses(bf16.path()));
+    let (l32, l16) = (common::step_losses(fp32.path()), common::step_losses(bf16.path()));
     assert_eq!((l32.len(), l16.len()), (2, 2));
     for (a, b) in l32.iter().zip(&l16) {
         assert!(b.is_finite() && (a - b).abs() < 0.05 * a.abs().max(1.0), "fp32 loss {a}, bf16 loss {b}");
@@ -136,7 +111,15 @@ fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
     let pooling: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("1_Pooling/config.json")).unwrap()).unwrap();
     assert_eq!(pooling["pooling_mode_cls_token"], true);
-    // The export's encoder is the trained one: kdmcse reads it, and it differs from the base.
+    // The export's encoder is the checkpoint's, tensor for tensor, and kdmcse reads it...
+    let trained = common::latest_weights(&run.path().join("out"));
+    let encoder: Vec<_> =
+        trained.iter().filter_map(|(n, t)| Some((n.strip_prefix("encoder.")?, t))).collect();
+    assert_eq!(encoder.len() + 1, ours.len(), "every encoder tensor and the pooler");
+    for (key, tensor) in encoder {
+        assert_eq!(common::max_abs_diff(&ours[key], tensor), 0.0, "exported {key}");
+    }
+    // ...and it differs from the base.
     let diff = common::max_abs_diff(
         &ours["encoder.layer.0.attention.self.query.weight"],
         &base["encoder.layer.0.attention.self.query.weight"],
@@ -155,6 +138,51 @@ fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
         "--json",
     ]);
     assert_ok(&eval);
+    let last = String::from_utf8_lossy(&eval.stdout).lines().last().unwrap().to_owned();
+    let scores: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert!(scores["STS16"].as_f64().unwrap() > 50.0, "{scores}");
+}
+
+/// The export states the pooling the run trained with (here mean pooling), and `kdmcse encode` on
+/// the exported folder uses it unless `--pooler` says otherwise.
+#[test]
+fn export_states_the_runs_pooling_and_encode_follows_it() {
+    let run = tempfile::tempdir().unwrap();
+    assert_ok(&train(&quick(run.path()), &["--set", "train.max_steps=2", "--set", "model.pooling=\"avg\""]));
+    let out = run.path().join("export");
+    let checkpoint = run.path().join("out");
+    assert_ok(&kdmcse(&[
+        "export",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    for folder in [out.clone(), checkpoint.join("best-model")] {
+        let text = std::fs::read_to_string(folder.join("1_Pooling/config.json")).unwrap();
+        let pooling: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&pooling["pooling_mode_mean_tokens"], &pooling["pooling_mode_cls_token"]),
+            (&serde_json::json!(true), &serde_json::json!(false)),
+            "{}: {text}",
+            folder.display()
+        );
+    }
+    let input = run.path().join("sentences.txt");
+    std::fs::write(&input, "A man is playing a guitar.\nTwo dogs run through a field.\nhello\n").unwrap();
+    let encode = |pooler: Option<&str>| {
+        let output = run.path().join(format!("{}.safetensors", pooler.unwrap_or("default")));
+        let mut args = vec!["encode", "--model", out.to_str().unwrap(), "--input", input.to_str().unwrap()];
+        args.extend(["--output", output.to_str().unwrap()]);
+        if let Some(p) = pooler {
+            args.extend(["--pooler", p]);
+        }
+        assert_ok(&kdmcse(&args));
+        candle_core::safetensors::load(&output, &Device::Cpu).unwrap().remove("embeddings").unwrap()
+    };
+    let (stated, avg, cls) = (encode(None), encode(Some("avg")), encode(Some("cls")));
+    assert_eq!(common::max_abs_diff(&stated, &avg), 0.0, "encode ignores the folder's pooling");
+    assert!(common::max_abs_diff(&stated, &cls) > 1e-3, "mean and CLS pooling give the same vectors");
 }
 
 #[test]
@@ -217,4 +245,67 @@ fn resuming_a_checkpoint_of_another_architecture_is_refused() {
         &train(&config, &["--set", &set, "--set", "train.max_steps=2"]),
         &["step-00000001", "another architecture"],
     );
+}
+
+/// Model selection during training: `best` names the checkpoint with the highest STS-B dev the
+/// run logged, retention (`keep = 1`) never deletes it, and `best-model/` holds its weights.
+#[test]
+fn the_best_checkpoint_by_dev_score_is_kept_and_exported() {
+    let run = tempfile::tempdir().unwrap();
+    let out = run.path().join("out");
+    let config = quick(run.path());
+    assert_ok(&train(
+        &config,
+        &["--set", "train.eval_steps=2", "--set", "output.keep=1", "--set", "train.lr=5e-4"],
+    ));
+    common::assert_best_is_kept_and_exported(run.path(), &out, 6);
+}
+
+/// `--resume <name>` restarts from that checkpoint, not the newest: from step 2 of a 4-step run,
+/// training the same steps 3 and 4 again ends in the same bits.
+#[test]
+fn resume_from_a_named_checkpoint() {
+    let run = tempfile::tempdir().unwrap();
+    let config = common::quick_config(run.path(), run.path().join("out").to_str().unwrap(), 8, 4);
+    assert_ok(&train(&config, &["--set", "output.keep=3"]));
+    let four = common::latest_weights(&run.path().join("out"));
+    let again = train(&config, &["--resume", "step-00000002", "--set", "output.keep=3"]);
+    assert_ok(&again);
+    let events = common::process::events(&again.stdout, "resumed");
+    assert_eq!((&events[0]["checkpoint"], &events[0]["step"]), (&"step-00000002".into(), &2.into()));
+    assert_eq!(common::max_weight_diff(&four, &common::latest_weights(&run.path().join("out"))), 0.0);
+    // A location names a checkpoint of another folder.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let location = format!("{}/checkpoints/step-00000002", run.path().join("out").display());
+    let out_dir = elsewhere.path().join("out");
+    let set = format!("output.dir=\"{}\"", out_dir.display());
+    let copied = train(&config, &["--resume", &location, "--set", &set, "--set", "output.keep=3"]);
+    assert_ok(&copied);
+    assert_eq!(common::max_weight_diff(&four, &common::latest_weights(&out_dir)), 0.0);
+}
+
+/// With `grad_accum = 2` a step takes two micro-batches (each its own contrastive batch, text
+/// then paired with `paired_every = 2`), and the data cursors count them.
+#[test]
+fn gradient_accumulation_takes_several_micro_batches_per_step() {
+    let run = tempfile::tempdir().unwrap();
+    let config = common::quick_config(run.path(), run.path().join("out").to_str().unwrap(), 8, 3);
+    assert_ok(&train(&config, &["--set", "train.grad_accum=2"]));
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run.path().join("out/checkpoints/step-00000003/trainer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["micro_step"], 6, "{state}");
+    assert_eq!(
+        (&state["text_cursor"]["offset"], &state["paired_cursor"]["offset"]),
+        (&24.into(), &24.into())
+    );
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(run.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3);
+    // Every step saw a paired micro-batch, whose grounding loss is the step's.
+    assert!(records.iter().all(|r| r["loss_grounding"].as_f64().is_some_and(f64::is_finite)), "{records:?}");
 }

@@ -4,16 +4,17 @@
 //! SIGTERM, and when a worker dies stops the others and restarts the whole group (which resumes
 //! from the newest checkpoint), up to `--max-restarts` times.
 //!
-//! Exit codes: 0 all workers finished; 2 bad arguments or a launch failure; 130/143 stopped by
-//! SIGINT/SIGTERM; otherwise the exit code of the first worker that failed once no restart was
-//! left (1 when it died from a signal).
+//! Exit codes: 0 all workers finished; 2 bad arguments, a launch failure, or a worker that failed
+//! on its configuration or input (exit 2: not restarted); 130/143 stopped by SIGINT/SIGTERM;
+//! otherwise the exit code of the first worker that failed once no restart was left (1 when it
+//! died from a signal).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -62,13 +63,17 @@ struct Args {
 
 static SIGNAL: AtomicUsize = AtomicUsize::new(0);
 
+/// What `kdmcse` exits with on a configuration or input error (and what this launcher exits
+/// with on its own bad arguments): never restarted.
+const INPUT_ERROR: i32 = 2;
+
 fn main() {
     let args = Args::parse();
     match run(args) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
             eprintln!("[launcher] error: {err:#}");
-            std::process::exit(2);
+            std::process::exit(INPUT_ERROR);
         }
     }
 }
@@ -91,19 +96,40 @@ struct Plan {
     local_world: usize,
     node_rank: usize,
     world_size: usize,
-    gpus: bool,
+    /// With `--gpus`: each local rank's `CUDA_VISIBLE_DEVICES`.
+    gpus: Option<Vec<String>>,
     worker_args: Vec<String>,
 }
 
+/// The GPUs this node's workers get: the first `n` of CUDA_VISIBLE_DEVICES, else of the GPUs the
+/// driver lists. Checked before any worker starts.
+fn assign_gpus(n: usize) -> Result<Vec<String>> {
+    let visible: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) => list.split(',').map(str::trim).filter(|d| !d.is_empty()).map(str::to_owned).collect(),
+        Err(_) => {
+            let count = std::fs::read_dir("/proc/driver/nvidia/gpus").map(|d| d.count()).unwrap_or(0);
+            (0..count).map(|i| i.to_string()).collect()
+        }
+    };
+    if visible.len() < n {
+        let seen = match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Ok(list) => format!("CUDA_VISIBLE_DEVICES={list:?} lists {}", visible.len()),
+            Err(_) => format!("the NVIDIA driver lists {} (/proc/driver/nvidia/gpus)", visible.len()),
+        };
+        bail!("--gpus {n} asks for {n} GPUs, but {seen}: use --nproc N for CPU workers");
+    }
+    Ok(visible.into_iter().take(n).collect())
+}
+
 fn plan(args: &Args) -> Result<Plan> {
-    let (local_world, gpus) = match (args.gpus, args.nproc) {
-        (Some(n), _) => (n, true),
-        (None, Some(n)) => (n, false),
+    let local_world = match (args.gpus, args.nproc) {
+        (Some(n), _) | (None, Some(n)) => n,
         (None, None) => bail!("say how many workers: --gpus N or --nproc N"),
     };
     if local_world == 0 || args.nnodes == 0 {
         bail!("--gpus/--nproc and --nnodes must be at least 1");
     }
+    let gpus = args.gpus.map(assign_gpus).transpose()?;
     let node_rank = match args.node_rank {
         Some(k) => k,
         None => match std::env::var("JOB_COMPLETION_INDEX") {
@@ -133,14 +159,14 @@ fn plan(args: &Args) -> Result<Plan> {
 }
 
 /// `--resume auto` for restarts (replacing any other `--resume`), so the group continues from
-/// the newest checkpoint.
+/// the newest checkpoint; `--overwrite` goes too, or a restart would delete the run it resumes.
 fn resume_auto(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len() + 2);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--resume" {
             it.next();
-        } else if !a.starts_with("--resume=") {
+        } else if !a.starts_with("--resume=") && a != "--overwrite" {
             out.push(a.clone());
         }
     }
@@ -167,8 +193,6 @@ fn wait_for_master(addr: &str, port: u16, wait: Duration) -> Result<()> {
 fn spawn_group(args: &Args, plan: &Plan, restart: usize, worker_args: &[String]) -> Result<Vec<Child>> {
     let bin = worker_binary();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let visible: Option<Vec<String>> =
-        std::env::var("CUDA_VISIBLE_DEVICES").ok().map(|v| v.split(',').map(str::to_owned).collect());
     let mut children = Vec::with_capacity(plan.local_world);
     for local_rank in 0..plan.local_world {
         let rank = plan.node_rank * plan.local_world + local_rank;
@@ -185,24 +209,21 @@ fn spawn_group(args: &Args, plan: &Plan, restart: usize, worker_args: &[String])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if plan.gpus {
-            let gpu = match &visible {
-                Some(list) => list.get(local_rank).cloned().with_context(|| {
-                    format!(
-                        "CUDA_VISIBLE_DEVICES lists {} devices, fewer than --gpus {}",
-                        list.len(),
-                        plan.local_world
-                    )
-                })?,
-                None => local_rank.to_string(),
-            };
-            cmd.env("CUDA_VISIBLE_DEVICES", gpu);
+        if let Some(gpus) = &plan.gpus {
+            cmd.env("CUDA_VISIBLE_DEVICES", &gpus[local_rank]).env("KDMCSE_LAUNCHED_GPUS", "1");
         }
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             // Share the cores instead of oversubscribing them (torchrun sets OMP_NUM_THREADS).
             cmd.env("RAYON_NUM_THREADS", (cores / plan.local_world).max(1).to_string());
         }
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                // Never leave the workers already started behind.
+                stop_group(&mut children, Duration::from_secs(0));
+                return Err(err).with_context(|| format!("cannot start {}", bin.display()));
+            }
+        };
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
         std::thread::spawn(move || prefix_lines(out, rank, false));
@@ -223,10 +244,14 @@ fn prefix_lines(stream: impl std::io::Read, rank: usize, to_stderr: bool) {
     }
 }
 
-fn signal_all(children: &[Child], signal: i32) {
-    for child in children {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+/// Sends `signal` to every child still running (a reaped child's pid may belong to another
+/// process by now).
+fn signal_all(children: &mut [Child], signal: i32) {
+    for child in children.iter_mut() {
+        if matches!(child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own, unreaped child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        }
     }
 }
 
@@ -266,9 +291,29 @@ enum GroupOutcome {
     Interrupted(i32),
 }
 
+/// When each child exited, as seen by a thread per child that waits for it without reaping it
+/// (so the watch loop can tell which of several failed workers went first).
+fn exit_times(children: &[Child]) -> Arc<Mutex<Vec<Option<Instant>>>> {
+    let times = Arc::new(Mutex::new(vec![None; children.len()]));
+    for (i, child) in children.iter().enumerate() {
+        let (pid, times) = (child.id(), Arc::clone(&times));
+        std::thread::spawn(move || {
+            // SAFETY: a zeroed siginfo_t is a valid out-parameter; waitid with WNOWAIT only
+            // observes our own child's exit and leaves it to be reaped by the watch loop.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if rc == 0 {
+                times.lock().expect("exit times lock")[i] = Some(Instant::now());
+            }
+        });
+    }
+    times
+}
+
 fn watch(children: &mut [Child], node_rank: usize, stop_grace: Duration) -> GroupOutcome {
     let local_world = children.len();
     let mut done = vec![false; local_world];
+    let exited = exit_times(children);
     loop {
         let signal = SIGNAL.load(Ordering::SeqCst);
         if signal != 0 {
@@ -281,24 +326,27 @@ fn watch(children: &mut [Child], node_rank: usize, stop_grace: Duration) -> Grou
             stop_group(children, Duration::from_secs(0));
             return GroupOutcome::Interrupted(signal as i32);
         }
+        // The workers that exited since the last look, and of those that failed, the first.
+        let times = exited.lock().expect("exit times lock").clone();
+        let mut first_failure: Option<(Instant, usize, ExitStatus)> = None;
         for (local_rank, child) in children.iter_mut().enumerate() {
-            if done[local_rank] {
-                continue;
-            }
-            match child.try_wait() {
-                Ok(Some(status)) if status.success() => done[local_rank] = true,
-                Ok(Some(status)) => {
-                    let rank = node_rank * local_world + local_rank;
-                    eprintln!(
-                        "[launcher] rank {rank} failed with {}: stopping the other workers",
-                        describe(status)
-                    );
-                    stop_group(children, stop_grace);
-                    return GroupOutcome::Failed { rank, status };
+            let Some(at) = times[local_rank].filter(|_| !done[local_rank]) else { continue };
+            done[local_rank] = true;
+            match child.wait() {
+                Ok(status) if status.success() => {}
+                Ok(status) => {
+                    if first_failure.is_none_or(|(first, _, _)| at < first) {
+                        first_failure = Some((at, local_rank, status));
+                    }
                 }
-                Ok(None) => {}
-                Err(err) => eprintln!("[launcher] cannot poll rank {local_rank}: {err}"),
+                Err(err) => eprintln!("[launcher] cannot reap rank {local_rank}: {err}"),
             }
+        }
+        if let Some((_, local_rank, status)) = first_failure {
+            let rank = node_rank * local_world + local_rank;
+            eprintln!("[launcher] rank {rank} failed with {}: stopping the other workers", describe(status));
+            stop_group(children, stop_grace);
+            return GroupOutcome::Failed { rank, status };
         }
         if done.iter().all(|&d| d) {
             return GroupOutcome::Finished;
@@ -346,6 +394,13 @@ fn run(args: Args) -> Result<i32> {
             }
             GroupOutcome::Interrupted(signal) => return Ok(128 + signal),
             GroupOutcome::Failed { rank, status } => {
+                if status.code() == Some(INPUT_ERROR) {
+                    eprintln!(
+                        "[launcher] rank {rank} failed on its configuration or input (exit {INPUT_ERROR}): \
+                         restarting cannot help"
+                    );
+                    return Ok(INPUT_ERROR);
+                }
                 if restart >= args.max_restarts {
                     eprintln!(
                         "[launcher] rank {rank} failed and no restart is left (--max-restarts {})",

@@ -7,6 +7,9 @@
 //!
 //! A reader trusts a checkpoint only when its manifest verifies, so a crash or a lost connection
 //! at any point leaves at worst an unreferenced, unverifiable directory, never a corrupt resume.
+//! What a training checkpoint holds, part by part, is [`layout`]'s.
+
+pub mod layout;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,11 +56,36 @@ impl Checkpoint {
     }
 }
 
+/// A pointer file at the store's root naming a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pointer {
+    /// The newest committed checkpoint, replaced last by every save.
+    Latest,
+    /// The best checkpoint by STS-B dev (kept by retention, exported at the end of a run).
+    Best,
+}
+
+impl Pointer {
+    fn file(self) -> &'static str {
+        match self {
+            Pointer::Latest => "latest",
+            Pointer::Best => "best",
+        }
+    }
+}
+
+/// Whether `location` is a URL of an object store rather than a local path.
+pub fn is_remote(location: &str) -> bool {
+    location.contains("://")
+}
+
 /// Checkpoints under one root of an object store.
 pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     root: StorePath,
     url: String,
+    /// The folder of a local store (plain path or `file://`).
+    local_root: Option<std::path::PathBuf>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -77,18 +105,27 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 impl CheckpointStore {
-    /// Opens `location`: a URL with a scheme `object_store` knows (`s3://bucket/prefix` with the
-    /// standard `AWS_*` variables, `file:///abs/path`, `gs://`, `az://`), or a plain path
+    /// Opens `location` to write to: a URL with a scheme `object_store` knows (`s3://bucket/prefix`
+    /// with the standard `AWS_*` variables, `file:///abs/path`, `gs://`, `az://`), or a plain path
     /// (created if missing).
     pub fn open(location: &str) -> Result<Self> {
         Self::open_with_options(location, &[])
+    }
+
+    /// Opens `location` to read from: like [`Self::open`], but a local folder must exist (reading
+    /// creates nothing).
+    pub fn open_existing(location: &str) -> Result<Self> {
+        if !is_remote(location) && !std::path::Path::new(location).is_dir() {
+            bail!("no such checkpoint folder: {location}");
+        }
+        Self::open(location)
     }
 
     /// [`Self::open`] with store options (`object_store` config keys such as
     /// `aws_endpoint_url`) that take precedence over the environment.
     pub fn open_with_options(location: &str, options: &[(&str, &str)]) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (store, root): (Arc<dyn ObjectStore>, StorePath) = if location.contains("://") {
+        let (store, root): (Arc<dyn ObjectStore>, StorePath) = if is_remote(location) {
             let url = url_parse(location)?;
             let (store, root) = if url.scheme() == "s3" {
                 let retry = object_store::RetryConfig {
@@ -123,7 +160,12 @@ impl CheckpointStore {
                 .with_context(|| format!("cannot open {location}"))?;
             (Arc::new(store), StorePath::default())
         };
-        Ok(Self { store, root, url: location.to_owned(), runtime })
+        let local_root = match url::Url::parse(location) {
+            Ok(url) if url.scheme() == "file" => url.to_file_path().ok(),
+            Ok(_) => None,
+            Err(_) => Some(std::path::PathBuf::from(location)),
+        };
+        Ok(Self { store, root, url: location.to_owned(), local_root, runtime })
     }
 
     pub fn url(&self) -> &str {
@@ -145,6 +187,11 @@ impl CheckpointStore {
                     tracing::warn!(
                         "attempt {attempt}/{WRITE_ATTEMPTS} failed, retrying in {wait:?}: {err:#}"
                     );
+                    let object = format!("{}/{rel}", self.url);
+                    crate::events::emit(
+                        "store_retry",
+                        serde_json::json!({"object": object, "attempt": attempt}),
+                    );
                     std::thread::sleep(wait);
                     attempt += 1;
                 }
@@ -154,6 +201,28 @@ impl CheckpointStore {
     }
 
     fn put_once(&self, rel: &str, data: Bytes) -> Result<()> {
+        let result = self.put_object(rel, data);
+        if result.is_err() {
+            self.remove_staging_files(rel);
+        }
+        result
+    }
+
+    /// A failed write to a local folder can leave object_store's staging file (`NAME#N`) behind,
+    /// as large as the part; nothing else will remove it.
+    fn remove_staging_files(&self, rel: &str) {
+        let Some(root) = &self.local_root else { return };
+        let target = root.join(rel);
+        let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else { return };
+        let staging = format!("{}#", name.to_string_lossy());
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&staging) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn put_object(&self, rel: &str, data: Bytes) -> Result<()> {
         let path = self.path(rel);
         self.runtime
             .block_on(async {
@@ -196,7 +265,7 @@ impl CheckpointStore {
         }
         let manifest = serde_json::to_vec_pretty(&manifest)?;
         self.put(&format!("checkpoints/{name}/manifest.json"), manifest.into())?;
-        self.put("latest", Bytes::from(name.clone()))?;
+        self.set_pointer(Pointer::Latest, &name)?;
         Ok(name)
     }
 
@@ -208,14 +277,14 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// Marks checkpoint `name` as the best by evaluation (kept by retention).
-    pub fn set_best(&self, name: &str) -> Result<()> {
-        self.put("best", Bytes::from(name.to_owned()))
+    /// Points `pointer` at checkpoint `name`.
+    pub fn set_pointer(&self, pointer: Pointer, name: &str) -> Result<()> {
+        self.put(pointer.file(), Bytes::from(name.to_owned()))
     }
 
-    /// A pointer file's target (`latest`, `best`), if set.
-    pub fn pointer(&self, pointer: &str) -> Result<Option<String>> {
-        Ok(self.get(pointer)?.map(|b| String::from_utf8_lossy(&b).trim().to_owned()))
+    /// The checkpoint `pointer` names, if set.
+    pub fn pointer(&self, pointer: Pointer) -> Result<Option<String>> {
+        Ok(self.get(pointer.file())?.map(|b| String::from_utf8_lossy(&b).trim().to_owned()))
     }
 
     /// Checkpoint names present (verified or not), oldest first.
@@ -237,9 +306,17 @@ impl CheckpointStore {
 
     /// Loads checkpoint `name` and checks every part against its manifest.
     pub fn load(&self, name: &str) -> Result<Checkpoint> {
-        let manifest = self.get(&format!("checkpoints/{name}/manifest.json"))?.with_context(|| {
-            format!("checkpoint {}/checkpoints/{name} has no manifest (incomplete)", self.url)
-        })?;
+        let Some(manifest) = self.get(&format!("checkpoints/{name}/manifest.json"))? else {
+            let names = self.list()?;
+            if names.iter().any(|n| n == name) {
+                bail!("checkpoint {}/checkpoints/{name} has no manifest (incomplete)", self.url);
+            }
+            bail!(
+                "no such checkpoint {name} under {} (it has {})",
+                self.url,
+                if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+            );
+        };
         let manifest: Manifest = serde_json::from_slice(&manifest)
             .with_context(|| format!("checkpoint {}/checkpoints/{name}: unreadable manifest", self.url))?;
         let mut parts = BTreeMap::new();
@@ -266,7 +343,7 @@ impl CheckpointStore {
     pub fn load_newest(&self) -> Result<Option<Checkpoint>> {
         let mut candidates = self.list()?;
         candidates.reverse();
-        if let Some(latest) = self.pointer("latest")? {
+        if let Some(latest) = self.pointer(Pointer::Latest)? {
             candidates.retain(|n| *n != latest);
             candidates.insert(0, latest);
         }
@@ -282,7 +359,7 @@ impl CheckpointStore {
     /// Deletes all but the newest `keep` checkpoints, never the targets of `latest` or `best`.
     pub fn retain(&self, keep: usize) -> Result<Vec<String>> {
         let names = self.list()?;
-        let protected = [self.pointer("latest")?, self.pointer("best")?];
+        let protected = [self.pointer(Pointer::Latest)?, self.pointer(Pointer::Best)?];
         let doomed: Vec<String> = names
             .iter()
             .rev()
@@ -291,22 +368,59 @@ impl CheckpointStore {
             .cloned()
             .collect();
         for name in &doomed {
-            let prefix = self.path(&format!("checkpoints/{name}"));
-            self.runtime
-                .block_on(async {
-                    let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
-                    // The manifest first: a half-deleted checkpoint must not verify.
-                    let (manifests, rest): (Vec<_>, Vec<_>) =
-                        objects.into_iter().partition(|o| o.location.filename() == Some("manifest.json"));
-                    for object in manifests.into_iter().chain(rest) {
-                        self.store.delete(&object.location).await?;
-                    }
-                    Ok::<_, object_store::Error>(())
-                })
-                .with_context(|| format!("cannot delete {}/checkpoints/{name}", self.url))?;
+            self.delete_all(&format!("checkpoints/{name}"))?;
         }
         Ok(doomed)
     }
+
+    /// Deletes every checkpoint, the pointers and the exported best model: the folder's run.
+    pub fn clear(&self) -> Result<()> {
+        for pointer in [Pointer::Latest, Pointer::Best] {
+            let path = self.path(pointer.file());
+            match self.runtime.block_on(self.store.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot delete {}/{}", self.url, pointer.file()))
+                }
+            }
+        }
+        for prefix in ["checkpoints", "best-model"] {
+            self.delete_all(prefix)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the objects under `rel` (manifests first: a half-deleted checkpoint must not
+    /// verify), and in a local folder the directories they leave empty.
+    fn delete_all(&self, rel: &str) -> Result<()> {
+        let prefix = self.path(rel);
+        self.runtime
+            .block_on(async {
+                let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+                let (manifests, rest): (Vec<_>, Vec<_>) =
+                    objects.into_iter().partition(|o| o.location.filename() == Some("manifest.json"));
+                for object in manifests.into_iter().chain(rest) {
+                    self.store.delete(&object.location).await?;
+                }
+                Ok::<_, object_store::Error>(())
+            })
+            .with_context(|| format!("cannot delete {}/{rel}", self.url))?;
+        if let Some(root) = &self.local_root {
+            remove_empty_dirs(&root.join(rel));
+        }
+        Ok(())
+    }
+}
+
+/// Removes `dir` and the directories below it that hold no file (a local store leaves them).
+fn remove_empty_dirs(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_empty_dirs(&entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir); // fails, as it should, where files remain
 }
 
 fn url_parse(location: &str) -> Result<url::Url> {

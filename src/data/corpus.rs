@@ -16,15 +16,14 @@ impl TextCorpus {
     pub fn load(paths: &[PathBuf]) -> Result<Self> {
         let mut sentences = Vec::new();
         for path in paths {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read text corpus {}", path.display()))?;
+            let lines = super::read_lines(path).context("cannot read the text corpus")?;
             let before = sentences.len();
             let mut blank = 0;
-            for line in text.lines() {
+            for line in lines {
                 if line.trim().is_empty() {
                     blank += 1;
                 } else {
-                    sentences.push(line.to_owned());
+                    sentences.push(line);
                 }
             }
             if blank > 0 {
@@ -117,11 +116,7 @@ impl PairedCorpus {
             }
         }
         let captions_path = dir.join("captions.txt");
-        let captions: Vec<String> = std::fs::read_to_string(&captions_path)
-            .with_context(|| format!("cannot read {}", captions_path.display()))?
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let captions = super::read_lines(&captions_path)?;
         if captions.len() != n_captions {
             bail!(
                 "{} has {} lines but {} has {n_captions} caption_features rows",
@@ -134,10 +129,7 @@ impl PairedCorpus {
             bail!("{}:{}: empty caption", captions_path.display(), row + 1);
         }
         let images_path = dir.join("images.txt");
-        let images = std::fs::read_to_string(&images_path)
-            .with_context(|| format!("cannot read {}", images_path.display()))?
-            .lines()
-            .count();
+        let images = super::read_lines(&images_path)?.len();
         if images != n_images {
             bail!(
                 "{} has {images} lines but {} has {n_images} image_features rows",

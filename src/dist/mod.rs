@@ -149,11 +149,21 @@ pub fn timeout_from_env() -> Result<Duration> {
     Ok(Duration::from_secs(env_usize("KDMCSE_TIMEOUT")?.unwrap_or(600) as u64))
 }
 
+/// When a GPU job builds an NCCL communicator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nccl {
+    /// With more than one rank: a world of one has nothing to exchange (every collective is the
+    /// identity), so it would only pay NCCL's start-up and its failure modes.
+    WhenNeeded,
+    /// Always, to test it (`kdmcse check`).
+    Always,
+}
+
 /// Joins the job described by the environment: a single process without `WORLD_SIZE`, else the
-/// TCP mesh (and NCCL on top of it when `device` is a GPU), rendezvousing through the store rank 0
-/// hosts at `MASTER_ADDR:MASTER_PORT`. A launched world of one joins too, as under torchrun: the
-/// same backends run, whatever the number of workers.
-pub fn init_from_env(device: &candle_core::Device) -> Result<ProcessGroup> {
+/// TCP mesh (and NCCL on top of it when `device` is a GPU, as `nccl` says), rendezvousing through
+/// the store rank 0 hosts at `MASTER_ADDR:MASTER_PORT`. A launched world of one joins too, as
+/// under torchrun, so it meets the same rendezvous as eight.
+pub fn init_from_env(device: &candle_core::Device, nccl: Nccl) -> Result<ProcessGroup> {
     let Some(world_size) = env_usize("WORLD_SIZE")? else {
         return Ok(ProcessGroup { comm: Box::new(SingleProcess), _store: None });
     };
@@ -176,10 +186,15 @@ pub fn init_from_env(device: &candle_core::Device) -> Result<ProcessGroup> {
     let ip = advertise_ip(&master_addr)?;
     let tcp = tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, generation, timeout)
         .with_context(|| format!("rank {rank}: collectives setup failed"))?;
+    let use_nccl = !device.is_cpu() && (world_size > 1 || nccl == Nccl::Always);
     let comm: Box<dyn Communicator> =
-        if device.is_cpu() { Box::new(tcp) } else { gpu_communicator(&mut client, tcp, device, timeout)? };
-    let backend = if device.is_cpu() { "TCP" } else { "NCCL" };
-    tracing::info!(rank, world_size, %master_addr, backend, pid = std::process::id(), "joined the job");
+        if use_nccl { gpu_communicator(&mut client, tcp, device, timeout)? } else { Box::new(tcp) };
+    let backend = if use_nccl { "NCCL" } else { "TCP" };
+    tracing::info!(rank, world_size, %master_addr, backend, "joined the job");
+    crate::events::emit(
+        "joined",
+        serde_json::json!({"rank": rank, "world_size": world_size, "backend": backend, "pid": std::process::id()}),
+    );
     Ok(ProcessGroup { comm, _store: server })
 }
 

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::data::read_lines;
+
 /// The seven STS tasks SimCSE and KDMCSE report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Task {
@@ -88,11 +90,6 @@ fn rejoin(sentence: &str) -> String {
     sentence.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn read_lines(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(text.lines().map(str::to_owned).collect())
-}
-
 fn parse_score(text: &str, path: &Path, line: usize) -> Result<f64> {
     let score: f64 = text
         .trim()
@@ -135,7 +132,18 @@ pub fn load_stsb_dev(data_dir: &Path) -> Result<TaskData> {
     if !path.is_file() {
         bail!("STS-B dev set not found: {}", path.display());
     }
-    read_columns(&path, false, (5, 6, 4))
+    let data = read_columns(&path, false, (5, 6, 4))?;
+    // Spearman needs two pairs of different gold scores; anything less selects models on NaN.
+    let distinct = data.gold.iter().any(|g| Some(g) != data.gold.first());
+    if data.len() < 2 || !distinct {
+        bail!(
+            "{}: {} scored sentence pairs{}: model selection needs at least two with different scores",
+            path.display(),
+            data.len(),
+            if distinct || data.is_empty() { "" } else { ", all with the same score" }
+        );
+    }
+    Ok(data)
 }
 
 /// Loads a task from `data_dir`; `Ok(None)` when its files are absent.

@@ -11,7 +11,11 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::dropout::{Dropout, Site};
-use super::ops;
+use crate::data::TokenBatch;
+use crate::ops;
+
+/// What the attention mask adds to the scores of padding keys: exp() of it is 0 in f32.
+const MASKED_KEY_BIAS: f64 = 1e9;
 
 /// Which member of the BERT family a checkpoint is (`model_type` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -336,46 +340,26 @@ impl BertModel {
         self.embeddings.word.embeddings().device()
     }
 
-    /// Last hidden states `[batch, len, hidden]` for right-padded `input_ids` `[batch, len]`
-    /// with `attention_mask` (1 = token, 0 = padding).
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: &Tensor,
-        attention_mask: &Tensor,
-        dropout: &Dropout,
-    ) -> Result<Tensor> {
-        self.run(input_ids, token_type_ids, attention_mask, dropout, false)
+    /// Last hidden states `[batch, len, hidden]` of a right-padded batch.
+    pub fn forward(&self, batch: &TokenBatch, dropout: &Dropout) -> Result<Tensor> {
+        self.run(batch, dropout, false)
     }
 
     /// Sentence embeddings `[batch, hidden]`. For CLS pooling the last layer runs for the first
     /// position only (its keys and values still come from every token): the same vectors as
     /// pooling [`Self::forward`], for 5/6 of the work on a 6-layer model.
-    pub fn embed(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: &Tensor,
-        attention_mask: &Tensor,
-        dropout: &Dropout,
-        pooling: super::Pooling,
-    ) -> Result<Tensor> {
+    pub fn embed(&self, batch: &TokenBatch, dropout: &Dropout, pooling: super::Pooling) -> Result<Tensor> {
         let first_only = pooling == super::Pooling::Cls;
-        let hidden = self.run(input_ids, token_type_ids, attention_mask, dropout, first_only)?;
-        pooling.pool(&hidden, attention_mask)
+        let hidden = self.run(batch, dropout, first_only)?;
+        pooling.pool(&hidden, &batch.attention_mask)
     }
 
-    fn run(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: &Tensor,
-        attention_mask: &Tensor,
-        dropout: &Dropout,
-        last_layer_first_only: bool,
-    ) -> Result<Tensor> {
-        let (batch, len) = input_ids.dims2()?;
-        let mut xs = self.embeddings.forward(input_ids, token_type_ids, dropout)?;
+    fn run(&self, tokens: &TokenBatch, dropout: &Dropout, last_layer_first_only: bool) -> Result<Tensor> {
+        let (batch, len) = tokens.input_ids.dims2()?;
+        let mut xs = self.embeddings.forward(&tokens.input_ids, &tokens.token_type_ids, dropout)?;
         // Additive key mask: 0 for tokens, a large negative number for padding.
-        let mask_bias = ((attention_mask.to_dtype(xs.dtype())? - 1.0)? * 1e9)?.reshape((batch, 1, 1, len))?;
+        let mask = tokens.attention_mask.to_dtype(xs.dtype())?;
+        let mask_bias = ((mask - 1.0)? * MASKED_KEY_BIAS)?.reshape((batch, 1, 1, len))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let queries = if last_layer_first_only && i + 1 == self.layers.len() {
                 xs.narrow(1, 0, 1)?

@@ -38,6 +38,16 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     xs.broadcast_div(&norm)
 }
 
+/// One head's name (its weights are `<name>.dense.weight` and `.bias`), sizes and whether its
+/// output is normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadShape {
+    pub name: &'static str,
+    pub input: usize,
+    pub output: usize,
+    pub normalize: bool,
+}
+
 /// The four KDMCSE heads, under `mlp.`, `grounding.`, `image_head.`, `caption_head.`.
 #[derive(Debug, Clone)]
 pub struct Heads {
@@ -48,12 +58,21 @@ pub struct Heads {
 }
 
 impl Heads {
+    /// The heads of a student with `hidden`-wide sentence vectors, a `proj_dim` grounding space
+    /// and `teacher_dim` teacher features, in the order of [`Heads`]'s fields.
+    pub fn shapes(hidden: usize, proj_dim: usize, teacher_dim: usize) -> [HeadShape; 4] {
+        let head = |name, input, output, normalize| HeadShape { name, input, output, normalize };
+        [
+            head("mlp", hidden, hidden, false),
+            head("grounding", hidden, proj_dim, true),
+            head("image_head", teacher_dim, proj_dim, true),
+            head("caption_head", teacher_dim, proj_dim, true),
+        ]
+    }
+
     pub fn load(vb: VarBuilder, hidden: usize, proj_dim: usize, teacher_dim: usize) -> Result<Self> {
-        Ok(Self {
-            mlp: Projection::load(vb.pp("mlp"), hidden, hidden, false)?,
-            grounding: Projection::load(vb.pp("grounding"), hidden, proj_dim, true)?,
-            image: Projection::load(vb.pp("image_head"), teacher_dim, proj_dim, true)?,
-            caption: Projection::load(vb.pp("caption_head"), teacher_dim, proj_dim, true)?,
-        })
+        let [mlp, grounding, image, caption] = Self::shapes(hidden, proj_dim, teacher_dim)
+            .map(|s| Projection::load(vb.pp(s.name), s.input, s.output, s.normalize));
+        Ok(Self { mlp: mlp?, grounding: grounding?, image: image?, caption: caption? })
     }
 }

@@ -5,7 +5,6 @@ pub mod bert;
 pub mod clip;
 pub mod dropout;
 pub mod heads;
-pub mod ops;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::loss::{FilterScore, NegativeFilter, Objective};
+use crate::device::DeviceSpec;
+use crate::loss::{Objective, ObjectiveKind};
 use crate::model::Pooling;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,7 +17,7 @@ pub struct TrainConfig {
     pub model: ModelConfig,
     pub data: DataConfig,
     #[serde(default)]
-    pub loss: LossConfig,
+    pub loss: Objective,
     #[serde(default)]
     pub train: TrainingConfig,
     pub output: OutputConfig,
@@ -53,83 +54,6 @@ pub struct DataConfig {
     pub eval: PathBuf,
 }
 
-/// Which objective trains the student.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ObjectiveKind {
-    /// Text-text InfoNCE on text batches only (margin_text may be set: SimCSE + angular margin).
-    Simcse,
-    /// Text-text plus grounding terms on paired batches, no margins, no filter.
-    Mcse,
-    /// MCSE with angular margins (fixed m1, teacher-adaptive m2) and the optional filter.
-    Kdmcse,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LossConfig {
-    pub objective: ObjectiveKind,
-    pub temp: f64,
-    pub temp_vl: f64,
-    pub lambda: f64,
-    pub margin_text: f64,
-    pub margin_vl: f64,
-    /// Noisy-negative filter: `"off"`, `"cosine"` or `"raw_dot"`.
-    pub filter: FilterMode,
-    pub filter_threshold: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FilterMode {
-    Off,
-    Cosine,
-    RawDot,
-}
-
-impl Default for LossConfig {
-    /// The reference scripts' KDMCSE settings, with the filter off.
-    fn default() -> Self {
-        let o = Objective::default();
-        Self {
-            objective: ObjectiveKind::Kdmcse,
-            temp: o.temp,
-            temp_vl: o.temp_vl,
-            lambda: o.lambda,
-            margin_text: o.margin_text,
-            margin_vl: o.margin_vl,
-            filter: FilterMode::Off,
-            filter_threshold: 0.8,
-        }
-    }
-}
-
-impl LossConfig {
-    pub fn objective(&self) -> Objective {
-        let filter = match self.filter {
-            FilterMode::Off => None,
-            FilterMode::Cosine => {
-                Some(NegativeFilter { score: FilterScore::Cosine, threshold: self.filter_threshold })
-            }
-            FilterMode::RawDot => {
-                Some(NegativeFilter { score: FilterScore::RawDot, threshold: self.filter_threshold })
-            }
-        };
-        Objective {
-            temp: self.temp,
-            temp_vl: self.temp_vl,
-            lambda: self.lambda,
-            margin_text: self.margin_text,
-            margin_vl: self.margin_vl,
-            filter,
-        }
-    }
-
-    pub fn uses_paired_data(&self) -> bool {
-        self.objective != ObjectiveKind::Simcse
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
@@ -150,8 +74,8 @@ pub struct TrainingConfig {
     pub grad_accum: usize,
     /// STS-B dev every N steps (and at the end); 0 disables.
     pub eval_steps: usize,
-    /// `cpu` or `cuda:N` (`cuda` alone means this process's LOCAL_RANK).
-    pub device: String,
+    /// `cpu`, `cuda` (this worker's GPU) or `cuda:N`.
+    pub device: DeviceSpec,
     /// The encoder's matmul precision: `"fp32"`, or `"bf16"` (autocast-style mixed precision:
     /// bf16 matmuls, fp32 master weights, LayerNorm, softmax, losses and optimiser).
     pub precision: Precision,
@@ -195,7 +119,7 @@ impl Default for TrainingConfig {
             grad_clip: 1.0,
             grad_accum: 1,
             eval_steps: 125,
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             precision: Precision::Fp32,
             tf32: false,
             phase_timings: false,
@@ -217,6 +141,9 @@ pub struct OutputConfig {
     /// Local metrics file (JSON lines); default `<dir>/metrics.jsonl` for a local `dir`.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
+    /// Write checkpoints and export the best model; off only for throughput measurements.
+    #[serde(default = "default_save")]
+    pub save: bool,
 }
 
 fn default_pooling() -> Pooling {
@@ -233,6 +160,9 @@ fn default_checkpoint_steps() -> usize {
 }
 fn default_keep() -> usize {
     2
+}
+fn default_save() -> bool {
+    true
 }
 
 impl TrainConfig {
@@ -272,37 +202,158 @@ impl TrainConfig {
         toml::to_string(self).expect("the config serialises")
     }
 
+    /// Checks every value against its meaning: ranges (naming the key, the value and what is
+    /// allowed), paths that must be given, and combinations that cannot work.
     pub fn validate(&self) -> Result<()> {
-        let t = &self.train;
-        if t.batch_size < 2 {
-            bail!("train.batch_size must be at least 2 (in-batch negatives), got {}", t.batch_size);
-        }
-        if t.grad_accum == 0 {
-            bail!("train.grad_accum must be at least 1");
-        }
-        if t.max_steps == 0 && t.epochs == 0 {
-            bail!("set train.max_steps or train.epochs");
-        }
-        if !(t.lr > 0.0 && t.lr.is_finite()) {
-            bail!("train.lr must be positive, got {}", t.lr);
-        }
-        if self.data.text.is_empty() {
+        let (m, d, l, t, o) = (&self.model, &self.data, &self.loss, &self.train, &self.output);
+        path_given("model.path", &m.path)?;
+        in_range("model.proj_dim", m.proj_dim, 1..)?;
+        // [CLS] sentence [SEP]: fewer tokens leave no room for the sentence.
+        in_range("model.max_len", m.max_len, 3..)?;
+        if d.text.is_empty() {
             bail!("data.text lists no corpus");
         }
-        let l = &self.loss;
-        if l.uses_paired_data() && self.data.paired.is_none() {
-            bail!("loss.objective = {:?} needs data.paired (a teacher feature folder)", l.objective);
+        for (i, path) in d.text.iter().enumerate() {
+            path_given(&format!("data.text[{i}]"), path)?;
         }
-        if l.objective == ObjectiveKind::Mcse
-            && (l.margin_text != 0.0 || l.margin_vl != 0.0 || l.filter != FilterMode::Off)
+        if let Some(paired) = &d.paired {
+            path_given("data.paired", paired)?;
+        }
+        path_given("data.eval", &d.eval)?;
+        if let Some(every) = d.paired_every {
+            in_range("data.paired_every", every, 1..)?;
+        }
+        positive("loss.temp", l.temp)?;
+        positive("loss.temp_vl", l.temp_vl)?;
+        non_negative("loss.lambda", l.lambda)?;
+        // An angular margin beyond pi/2 turns every negative's cosine around.
+        in_range("loss.margin_text", l.margin_text, 0.0..=std::f64::consts::FRAC_PI_2)?;
+        in_range("loss.margin_vl", l.margin_vl, 0.0..=std::f64::consts::FRAC_PI_2)?;
+        match l.filter {
+            Some(crate::loss::FilterScore::Cosine) => {
+                in_range("loss.filter_threshold", l.filter_threshold, -1.0..=1.0)?
+            }
+            _ => finite("loss.filter_threshold", l.filter_threshold)?,
+        }
+        if l.uses_paired_data() && d.paired.is_none() {
+            bail!("loss.objective = {:?} needs data.paired (a teacher feature folder)", l.kind);
+        }
+        if l.kind == ObjectiveKind::Mcse && (l.margin_text != 0.0 || l.margin_vl != 0.0 || l.filter.is_some())
         {
             bail!("loss.objective = \"mcse\" has no margins and no filter; use \"kdmcse\" for loss.margin_* / loss.filter");
         }
-        if self.data.paired_every == Some(0) {
-            bail!("data.paired_every must be at least 1");
+        // In-batch negatives need a second example.
+        in_range("train.batch_size", t.batch_size, 2..)?;
+        in_range("train.grad_accum", t.grad_accum, 1..)?;
+        if t.max_steps == 0 && t.epochs == 0 {
+            bail!("set train.max_steps or train.epochs (both are 0)");
+        }
+        positive("train.lr", t.lr)?;
+        non_negative("train.weight_decay", t.weight_decay)?;
+        for (i, beta) in t.betas.iter().enumerate() {
+            in_range(&format!("train.betas[{i}]"), *beta, 0.0..1.0)?;
+        }
+        positive("train.eps", t.eps)?;
+        non_negative("train.grad_clip", t.grad_clip)?;
+        if o.dir.trim().is_empty() {
+            bail!("output.dir is empty: give a folder or a URL for checkpoints");
+        }
+        if let Some(metrics) = &o.metrics {
+            path_given("output.metrics", metrics)?;
         }
         Ok(())
     }
+}
+
+/// Keys a resumed run may change: they decide where and how often things are written and
+/// evaluated, not the weights a step computes (`model.path` may move; the architecture is checked
+/// on its own).
+pub const RESULT_NEUTRAL_KEYS: [&str; 8] = [
+    "model.path",
+    "output.dir",
+    "output.keep",
+    "output.checkpoint_steps",
+    "output.metrics",
+    "output.save",
+    "train.eval_steps",
+    "train.phase_timings",
+];
+
+/// The first key (in sorted order, neutral keys left out) whose value differs between a
+/// checkpoint's config and this run's, with both values. The checkpoint's config is read with
+/// today's defaults for keys it predates.
+pub fn training_difference(checkpoint: &toml::Table, run: &toml::Table) -> Option<(String, String, String)> {
+    let normalised = toml::Value::Table(checkpoint.clone())
+        .try_into::<TrainConfig>()
+        .ok()
+        .and_then(|c| toml::from_str::<toml::Table>(&c.to_toml()).ok())
+        .unwrap_or_else(|| checkpoint.clone());
+    let (was, now) = (flatten(&normalised), flatten(run));
+    let keys: std::collections::BTreeSet<&String> = was.keys().chain(now.keys()).collect();
+    let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+    let difference =
+        keys.into_iter().filter(|k| !RESULT_NEUTRAL_KEYS.contains(&k.as_str())).find_map(|key| {
+            let (a, b) = (was.get(key), now.get(key));
+            (a != b).then(|| (key.clone(), show(a), show(b)))
+        });
+    difference
+}
+
+/// `section.key` -> the value as TOML text.
+fn flatten(table: &toml::Table) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for (section, value) in table {
+        match value {
+            toml::Value::Table(keys) => {
+                for (key, v) in keys {
+                    out.insert(format!("{section}.{key}"), v.to_string());
+                }
+            }
+            other => {
+                out.insert(section.clone(), other.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// `key`'s `value` lies in `range`, else an error naming all three.
+pub fn in_range<T, R>(key: &str, value: T, range: R) -> Result<()>
+where
+    T: PartialOrd + std::fmt::Display,
+    R: std::ops::RangeBounds<T> + std::fmt::Debug,
+{
+    if !range.contains(&value) {
+        bail!("{key} = {value} is out of range: allowed {range:?}");
+    }
+    Ok(())
+}
+
+fn finite(key: &str, value: f64) -> Result<()> {
+    if !value.is_finite() {
+        bail!("{key} = {value} must be a finite number");
+    }
+    Ok(())
+}
+
+fn positive(key: &str, value: f64) -> Result<()> {
+    finite(key, value)?;
+    if value <= 0.0 {
+        bail!("{key} = {value} is out of range: allowed > 0");
+    }
+    Ok(())
+}
+
+fn non_negative(key: &str, value: f64) -> Result<()> {
+    finite(key, value)?;
+    in_range(key, value, 0.0..)
+}
+
+fn path_given(key: &str, path: &Path) -> Result<()> {
+    if path.as_os_str().is_empty() {
+        bail!("{key} is empty: give a path");
+    }
+    Ok(())
 }
 
 /// `--set` values: TOML scalars and arrays (`3e-5`, `true`, `"s"`, `[1, 2]`), else a string.

@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
-use rayon::prelude::*;
+use candle_core::{DType, Tensor, Var};
 
-use crate::model::ops::{cpu_f32, cpu_f32_mut};
+use crate::ops::{AdamUpdate, Lerp};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -123,142 +122,6 @@ impl AdamW {
     }
 }
 
-const CHUNK: usize = 1 << 14;
-
-/// `x = keep * x + (1 - keep) * g` (or `g^2`), in place: a moment update.
-struct Lerp {
-    keep: f64,
-    square: bool,
-}
-
-impl InplaceOp2 for Lerp {
-    fn name(&self) -> &'static str {
-        "adamw-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (x, g) = (cpu_f32_mut(s1, l1, self.name())?, cpu_f32(s2, l2, self.name())?);
-        let (keep, take) = (self.keep as f32, (1.0 - self.keep) as f32);
-        let square = self.square;
-        x.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(x, g)| {
-            for (x, &g) in x.iter_mut().zip(g) {
-                *x = keep * *x + take * if square { g * g } else { g };
-            }
-        });
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let kernel = crate::kernels::Kernel::load(&s1.device, crate::kernels::ADAMW, "adamw_moment")?;
-        let [rx, rg] = ranges([l1, l2], self.name())?;
-        let n = rx.len() as u32;
-        let mut x = s1.as_cuda_slice_mut::<f32>()?.slice_mut(rx);
-        let g = s2.as_cuda_slice::<f32>()?.slice(rg);
-        let (keep, take, square) = (self.keep as f32, (1.0 - self.keep) as f32, i32::from(self.square));
-        let mut args = kernel.args();
-        args.arg(&mut x).arg(&g).arg(&n).arg(&keep).arg(&take).arg(&square);
-        // SAFETY: the arguments follow adamw.cu's adamw_moment; both ranges hold n elements.
-        unsafe { kernel.launch(args, LaunchConfig::for_num_elems(n)) }
-    }
-}
-
-#[cfg(feature = "cuda")]
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-
-/// The contiguous element range of each operand of an in-place op, all of one size.
-#[cfg(feature = "cuda")]
-fn ranges<const N: usize>(
-    layouts: [&Layout; N],
-    op: &str,
-) -> candle_core::Result<[std::ops::Range<usize>; N]> {
-    let mut out = std::array::from_fn(|_| 0..0);
-    for (range, layout) in out.iter_mut().zip(layouts) {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: operands must be contiguous")))?;
-        *range = start..end;
-    }
-    if out.iter().any(|r| r.len() != out[0].len()) {
-        candle_core::bail!("{op}: operands of different sizes {out:?}");
-    }
-    Ok(out)
-}
-
-/// `p = decay * p - step_size * m / (sqrt(v / bias_correction2) + eps)`, in place.
-#[derive(Debug, Clone, Copy)]
-struct AdamUpdate {
-    step_size: f64,
-    bias_correction2: f64,
-    eps: f64,
-    decay: f64,
-}
-
-impl InplaceOp3 for AdamUpdate {
-    fn name(&self) -> &'static str {
-        "adamw-update"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let name = self.name();
-        let (p, m, v) = (cpu_f32_mut(s1, l1, name)?, cpu_f32(s2, l2, name)?, cpu_f32(s3, l3, name)?);
-        let (step, bc2, eps, decay) =
-            (self.step_size as f32, self.bias_correction2 as f32, self.eps as f32, self.decay as f32);
-        p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
-            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                *p = decay * *p - step * m / ((v / bc2).sqrt() + eps);
-            }
-        });
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let kernel = crate::kernels::Kernel::load(&s1.device, crate::kernels::ADAMW, "adamw_update")?;
-        let [rp, rm, rv] = ranges([l1, l2, l3], self.name())?;
-        let n = rp.len() as u32;
-        let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(rp);
-        let m = s2.as_cuda_slice::<f32>()?.slice(rm);
-        let v = s3.as_cuda_slice::<f32>()?.slice(rv);
-        let (step, bc2, eps, decay) =
-            (self.step_size as f32, self.bias_correction2 as f32, self.eps as f32, self.decay as f32);
-        let mut args = kernel.args();
-        args.arg(&mut p).arg(&m).arg(&v).arg(&n).arg(&step).arg(&bc2).arg(&eps).arg(&decay);
-        // SAFETY: the arguments follow adamw.cu's adamw_update; all ranges hold n elements.
-        unsafe { kernel.launch(args, LaunchConfig::for_num_elems(n)) }
-    }
-}
-
 /// Linear warm-up from 0 to 1 over `warmup` steps, then linear decay to 0 at `total` (the
 /// schedule of `transformers.get_linear_schedule_with_warmup`).
 pub fn linear_schedule(step: usize, warmup: usize, total: usize) -> f64 {
@@ -266,6 +129,18 @@ pub fn linear_schedule(step: usize, warmup: usize, total: usize) -> f64 {
         return step as f64 / warmup.max(1) as f64;
     }
     ((total.saturating_sub(step)) as f64 / total.saturating_sub(warmup).max(1) as f64).max(0.0)
+}
+
+/// The elementwise sum of two gradient lists (in the optimiser's order); a parameter without a
+/// gradient in one keeps the other's.
+pub fn add_grads(a: Vec<Option<Tensor>>, b: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    a.into_iter()
+        .zip(b)
+        .map(|pair| match pair {
+            (Some(a), Some(b)) => Ok(Some((a + b)?)),
+            (a, b) => Ok(a.or(b)),
+        })
+        .collect()
 }
 
 /// The global L2 norm of all gradients.
@@ -337,77 +212,32 @@ mod tests {
             assert!((ours[i] - p[i]).abs() < tol, "{dtype:?}: {ours:?} vs {p:?}");
         }
     }
-
-    /// adamw.cu, compiled for the host, updates moments and parameters exactly as the CPU
-    /// kernels do (the GPU may fuse multiply-adds: that is its only licence to differ).
+    /// Clipping scales every gradient by max_norm / norm when the global norm is above it (as
+    /// `torch.nn.utils.clip_grad_norm_`), leaves it otherwise, and reports the norm before.
     #[test]
-    fn cuda_kernels_compute_the_cpu_update() {
-        let dir = tempfile::tempdir().unwrap();
-        let exe = crate::kernels::host::compile(
-            dir.path(),
-            crate::kernels::ADAMW,
-            r#"static float arg(char *s) { unsigned u = strtoul(s, 0, 10); float f; memcpy(&f, &u, 4); return f; }
-static void print(const std::vector<float> &xs) {
-    for (float f : xs) { unsigned u; memcpy(&u, &f, 4); printf("%u\n", u); }
-}
-// argv: n, then p, m, v, g (n each), then keep1, take1, keep2, take2, step, bc2, eps, decay.
-int main(int argc, char **argv) {
-    unsigned n = atoi(argv[1]);
-    std::vector<float> p(n), m(n), v(n), g(n);
-    for (unsigned i = 0; i < n; i++) {
-        p[i] = arg(argv[2 + i]); m[i] = arg(argv[2 + n + i]);
-        v[i] = arg(argv[2 + 2 * n + i]); g[i] = arg(argv[2 + 3 * n + i]);
-    }
-    char **h = argv + 2 + 4 * n;
-    adamw_moment(m.data(), g.data(), n, arg(h[0]), arg(h[1]), 0);
-    adamw_moment(v.data(), g.data(), n, arg(h[2]), arg(h[3]), 1);
-    adamw_update(p.data(), m.data(), v.data(), n, arg(h[4]), arg(h[5]), arg(h[6]), arg(h[7]));
-    print(p); print(m); print(v);
-}"#,
-        );
-        let n = 37;
-        let values = |seed: f32, positive: bool| -> Vec<f32> {
-            (0..n)
-                .map(|i| (seed * (i as f32 + 1.0)).sin() * if positive { 1e-3 } else { 1.0 })
-                .map(|x| if positive { x.abs() } else { x })
-                .collect()
+    fn clipping_scales_to_the_global_norm() {
+        let grads = || {
+            vec![
+                Some(Tensor::new(&[3f32, 0.0], &Device::Cpu).unwrap()),
+                None,
+                Some(Tensor::new(&[4f32], &Device::Cpu).unwrap()),
+            ]
         };
-        let (p, m, v, g) = (values(0.7, false), values(1.3, false), values(2.9, true), values(0.4, false));
-        let update = AdamUpdate {
-            step_size: 3e-5 / (1.0 - 0.9f64.powi(3)),
-            bias_correction2: 1.0 - 0.999f64.powi(3),
-            eps: 1e-8,
-            decay: 1.0 - 3e-5 * 0.01,
+        let values = |g: &[Option<Tensor>]| -> Vec<f32> {
+            g.iter().flatten().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect()
         };
-        let consts = [
-            0.9,
-            0.1,
-            0.999,
-            1.0 - 0.999,
-            update.step_size,
-            update.bias_correction2,
-            update.eps,
-            update.decay,
-        ];
-        let out = std::process::Command::new(&exe)
-            .arg(n.to_string())
-            .args([&p, &m, &v, &g].into_iter().flatten().map(|x| x.to_bits().to_string()))
-            .args(consts.map(|c| (c as f32).to_bits().to_string()))
-            .output()
-            .unwrap();
-        let host: Vec<f32> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| f32::from_bits(l.parse().unwrap()))
-            .collect();
-
-        let cpu = |xs: &[f32]| Tensor::new(xs, &Device::Cpu).unwrap();
-        let (pt, mt, vt, gt) = (cpu(&p), cpu(&m), cpu(&v), cpu(&g));
-        mt.inplace_op2(&gt, &Lerp { keep: 0.9, square: false }).unwrap();
-        vt.inplace_op2(&gt, &Lerp { keep: 0.999, square: true }).unwrap();
-        pt.inplace_op3(&mt, &vt, &update).unwrap();
-        let expected: Vec<f32> = [pt, mt, vt].iter().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect();
-        assert_eq!(host, expected);
+        let mut clipped = grads();
+        assert!((clip_global_norm(&mut clipped, 1.0).unwrap() - 5.0).abs() < 1e-12);
+        let expected = [3.0 / (5.0 + 1e-6), 0.0, 4.0 / (5.0 + 1e-6)];
+        for (a, b) in values(&clipped).iter().zip(expected) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{:?}", values(&clipped));
+        }
+        assert!(clipped[1].is_none());
+        for max_norm in [10.0, 0.0] {
+            let mut kept = grads();
+            clip_global_norm(&mut kept, max_norm).unwrap();
+            assert_eq!(values(&kept), [3.0, 0.0, 4.0], "max_norm {max_norm}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Shared test helpers: where the shared data, golden files and the MiniLM model are.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod s3;
 
 use std::collections::HashMap;
@@ -101,7 +102,7 @@ pub fn checkpoint_weights(store: &kdmcse::checkpoint::CheckpointStore, name: &st
 /// The newest checkpoint's weights under a local output folder.
 pub fn latest_weights(output: &std::path::Path) -> Vec<(String, Tensor)> {
     let store = kdmcse::checkpoint::CheckpointStore::open(output.to_str().unwrap()).unwrap();
-    let latest = store.pointer("latest").unwrap().expect("a checkpoint");
+    let latest = store.pointer(kdmcse::checkpoint::Pointer::Latest).unwrap().expect("a checkpoint");
     checkpoint_weights(&store, &latest)
 }
 
@@ -115,4 +116,62 @@ pub fn max_weight_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
             max_abs_diff(x, y)
         })
         .fold(0.0, f64::max)
+}
+
+/// The losses of the step records in `DIR/metrics.jsonl`, in order.
+pub fn step_losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter_map(|record| record["loss"].as_f64())
+        .collect()
+}
+
+/// The step numbers of the step records in a metrics file, in order (an interrupted and resumed
+/// run appends to the same file).
+pub fn step_numbers(metrics: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|record| record.get("loss").is_some())
+        .map(|record| record["step"].as_u64().unwrap())
+        .collect()
+}
+
+/// After a run with `train.eval_steps = 2` and `output.keep = 1` of `steps` steps (metrics in
+/// `DIR/metrics.jsonl`, output in `out`): `best` names the checkpoint with the highest logged
+/// STS-B dev (the earlier of equals), retention kept it, and `best-model/` holds its weights.
+pub fn assert_best_is_kept_and_exported(run: &std::path::Path, out: &std::path::Path, steps: u64) {
+    let scores: Vec<(u64, f64)> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("stsb_dev")?.as_f64()?)))
+        .collect();
+    let expected: Vec<u64> = (0..=steps).step_by(2).collect();
+    assert_eq!(scores.iter().map(|s| s.0).collect::<Vec<_>>(), expected, "{scores:?}");
+    // The first of the highest scores after training began wins (ties keep the earlier).
+    let best = scores.iter().skip(1).fold(None::<(u64, f64)>, |b, &s| match b {
+        Some(b) if b.1 >= s.1 => Some(b),
+        _ => Some(s),
+    });
+    let best_name = format!("step-{:08}", best.unwrap().0);
+    let store = kdmcse::checkpoint::CheckpointStore::open(out.to_str().unwrap()).unwrap();
+    assert_eq!(
+        store.pointer(kdmcse::checkpoint::Pointer::Best).unwrap().as_deref(),
+        Some(best_name.as_str())
+    );
+    let kept = store.list().unwrap();
+    assert!(kept.contains(&best_name) && kept.contains(&format!("step-{steps:08}")), "{kept:?}");
+    let exported =
+        candle_core::safetensors::load(out.join("best-model/model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let best_weights = checkpoint_weights(&store, &best_name);
+    for (name, tensor) in &best_weights {
+        if let Some(key) = name.strip_prefix("encoder.") {
+            assert_eq!(max_abs_diff(&exported[key], tensor), 0.0, "best-model/{key}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! A real S3-compatible server for tests: s3s-fs (installed by scripts/install-test-deps.sh)
 //! as a child process on loopback, and the settings that point kdmcse at it.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ impl S3Server {
     pub fn start() -> Self {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join(BUCKET)).unwrap(); // a bucket is a folder
-        let port = free_port();
+        let port = super::process::free_port();
         let child = Command::new("s3s-fs")
             .args([
                 "--host",
@@ -51,10 +51,6 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Points a kdmcse process at the server on `port` (directly or through a proxy).

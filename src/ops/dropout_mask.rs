@@ -1,0 +1,223 @@
+//! The dropout mask: inverted-dropout factors (0 or 1/(1-p)) that are a hash of (row key, site,
+//! the element's coordinates within its row), made where the tensor lives (kernels/dropout.cu on
+//! a GPU), identical on every device. `model::dropout` decides the keys and sites.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+#[cfg(feature = "cuda")]
+use super::cuda;
+
+/// The mask of site `site` for `xs` (first dimension the batch, one key per row; at most 3 more
+/// dimensions, each below 2^20), shaped and typed like `xs`.
+pub(crate) fn dropout_mask(xs: &Tensor, keys: &[u64], site: u64, p: f32) -> Result<Tensor> {
+    let rows = xs.dim(0)?;
+    if keys.len() != rows {
+        candle_core::bail!("dropout: {} row keys for a batch of {rows}", keys.len());
+    }
+    if xs.rank() > 4 || xs.dims()[1..].iter().any(|&d| d >= 1 << 20) {
+        candle_core::bail!("dropout: masks cover [batch, <= 3 dims of < 2^20], got {:?}", xs.dims());
+    }
+    xs.apply_op1_no_bwd(&Mask { keys, site, p })
+}
+
+/// The mask tensor of one site, shaped and typed like its input (whose values it ignores).
+struct Mask<'a> {
+    keys: &'a [u64],
+    site: u64,
+    p: f32,
+}
+
+/// A dropped element's uniform 24-bit draw is below the threshold; kept ones are scaled.
+fn threshold_and_scale(p: f32) -> (u64, f32) {
+    ((p as f64 * (1u64 << 24) as f64).round() as u64, 1.0 / (1.0 - p))
+}
+
+/// The leading-1-padded `[d0, d1, d2]` of a row of shape `row_dims`.
+fn row_extent(row_dims: &[usize]) -> [usize; 3] {
+    let mut dims = [1usize; 3];
+    dims[3 - row_dims.len()..].copy_from_slice(row_dims);
+    dims
+}
+
+impl CustomOp1 for Mask<'_> {
+    fn name(&self) -> &'static str {
+        "dropout-mask"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mask = mask_values(self.keys, self.site, &layout.dims()[1..], self.p);
+        let storage = match storage.dtype() {
+            DType::F32 => CpuStorage::F32(mask),
+            DType::F64 => CpuStorage::F64(mask.into_iter().map(f64::from).collect()),
+            DType::BF16 => CpuStorage::BF16(mask.into_iter().map(half::bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(mask.into_iter().map(half::f16::from_f32).collect()),
+            dtype => candle_core::bail!("dropout on {dtype:?}: a float dtype is needed"),
+        };
+        Ok((storage, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let device = storage.device();
+        let scale = threshold_and_scale(self.p).1;
+        let (f16, bf16) = (half::f16::from_f32(scale).to_bits(), half::bf16::from_f32(scale).to_bits());
+        let mask = match storage.dtype() {
+            DType::F32 => self.cuda_mask::<f32, u32>(device, layout, "dropout_mask_32", scale.to_bits())?,
+            DType::F64 => {
+                self.cuda_mask::<f64, u64>(device, layout, "dropout_mask_64", f64::from(scale).to_bits())?
+            }
+            DType::BF16 => self.cuda_mask::<half::bf16, u16>(device, layout, "dropout_mask_16", bf16)?,
+            DType::F16 => self.cuda_mask::<half::f16, u16>(device, layout, "dropout_mask_16", f16)?,
+            dtype => candle_core::bail!("dropout on {dtype:?}: a float dtype is needed"),
+        };
+        Ok((mask, layout.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Mask<'_> {
+    /// A new mask of `layout`'s shape from `kernel` (the one for `T`'s width), whose kept
+    /// elements get the bit pattern `kept`.
+    fn cuda_mask<T, Bits>(
+        &self,
+        device: &candle_core::CudaDevice,
+        layout: &Layout,
+        kernel: &str,
+        kept: Bits,
+    ) -> Result<candle_core::CudaStorage>
+    where
+        T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+        Bits: candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+
+        let (rows, extent) = (layout.dims()[0] as u32, row_extent(&layout.dims()[1..]));
+        let [d0, d1, d2] = extent.map(|d| d as u32);
+        let n = layout.shape().elem_count();
+        let threshold = threshold_and_scale(self.p).0;
+        let keys = device.clone_htod(self.keys)?;
+        // SAFETY: the kernel writes each of the n elements.
+        let mut out = unsafe { device.alloc::<T>(n)? };
+        let kernel = cuda::kernel(device, crate::kernels::DROPOUT, kernel)?;
+        let mut args = kernel.args();
+        args.arg(&keys).arg(&self.site).arg(&rows).arg(&d0).arg(&d1).arg(&d2);
+        args.arg(&threshold).arg(&kept).arg(&mut out);
+        // SAFETY: the arguments follow dropout.cu's signature; `out` holds the n elements.
+        unsafe { kernel.launch(args, cuda::elementwise(n))? };
+        Ok(cuda::output(out, device))
+    }
+}
+
+/// Inverted-dropout mask values (0 or 1/(1-p)) for rows of shape `row_dims`, one key per row.
+fn mask_values(keys: &[u64], site: u64, row_dims: &[usize], p: f32) -> Vec<f32> {
+    let per_row: usize = row_dims.iter().product();
+    let (threshold, scale) = threshold_and_scale(p);
+    let dims = row_extent(row_dims);
+    let mut mask = vec![0f32; keys.len() * per_row];
+    mask.par_chunks_mut(per_row.max(1)).zip(keys.par_iter()).for_each(|(row, &key)| {
+        let row_key = mix(key ^ mix(site));
+        // Coordinates packed 20 bits each (innermost lowest): the same element gets the same
+        // draw whatever the extent of the other dimensions.
+        let mut out = row.iter_mut();
+        for a in 0..dims[0] as u64 {
+            for b in 0..dims[1] as u64 {
+                let outer = (a << 40) | (b << 20);
+                for c in 0..dims[2] as u64 {
+                    let draw =
+                        mix(row_key.wrapping_add((outer | c).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 40;
+                    *out.next().expect("mask row sized by its dims") =
+                        if draw >= threshold { scale } else { 0.0 };
+                }
+            }
+        }
+    });
+    mask
+}
+
+/// splitmix64's finaliser: a bijective 64-bit mix with good avalanche.
+pub(crate) fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::dropout::{example_key, Site};
+
+    #[test]
+    fn drop_rate_and_scale() {
+        let keys: Vec<u64> = (0..8).map(|i| example_key(1234, 0, i, 0)).collect();
+        let mask = mask_values(&keys, Site::Embeddings.id(), &[10_000], 0.1);
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.005, "drop rate {dropped}");
+        let kept = mask.iter().find(|&&m| m != 0.0).unwrap();
+        assert!((kept - 1.0 / 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn masks_depend_only_on_the_row_key() {
+        let keys: Vec<u64> = (0..4).map(|i| example_key(7, 3, i, 1)).collect();
+        let all = mask_values(&keys, 5, &[64], 0.1);
+        let last_alone = mask_values(&keys[3..], 5, &[64], 0.1);
+        assert_eq!(&all[3 * 64..], &last_alone[..]);
+        let other_view = mask_values(&[example_key(7, 3, 3, 0)], 5, &[64], 0.1);
+        assert_ne!(last_alone, other_view);
+    }
+
+    /// dropout.cu, compiled for the host, gives `mask_values` bit for bit: the GPU kernel's
+    /// arithmetic is checked without a GPU.
+    #[test]
+    fn cuda_kernel_computes_the_cpu_masks() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = crate::kernels::host::compile(
+            dir.path(),
+            crate::kernels::DROPOUT,
+            r#"int main(int argc, char **argv) {
+    u64 site = strtoull(argv[1], 0, 10), threshold = strtoull(argv[6], 0, 10);
+    unsigned rows = atoi(argv[2]), d0 = atoi(argv[3]), d1 = atoi(argv[4]), d2 = atoi(argv[5]);
+    unsigned kept = strtoul(argv[7], 0, 10);
+    std::vector<u64> keys;
+    for (int i = 8; i < argc; i++) keys.push_back(strtoull(argv[i], 0, 10));
+    std::vector<unsigned> out((size_t)rows * d0 * d1 * d2);
+    u64 *k = keys.data();
+    unsigned *o = out.data();
+    launch(blocks_for(out.size(), ELEMENTWISE_THREADS), ELEMENTWISE_THREADS,
+           [&] { dropout_mask_32(k, site, rows, d0, d1, d2, threshold, kept, o); });
+    for (unsigned v : out) printf("%u\n", v);
+}"#,
+        );
+        let keys: Vec<u64> = (0..3).map(|i| example_key(1234, 5, i, i % 2)).collect();
+        for (row_dims, p, site) in [(vec![2, 5, 7], 0.1, 14), (vec![6, 40], 0.5, 3), (vec![9], 0.1, 1)] {
+            let (threshold, scale) = threshold_and_scale(p);
+            let extent = row_extent(&row_dims);
+            let args: Vec<String> = [site.to_string(), keys.len().to_string()]
+                .into_iter()
+                .chain(extent.map(|d| d.to_string()))
+                .chain([threshold.to_string(), scale.to_bits().to_string()])
+                .chain(keys.iter().map(u64::to_string))
+                .collect();
+            let gpu = crate::kernels::host::run(&exe, &args, &[]);
+            let cpu = mask_values(&keys, site, &row_dims, p);
+            assert_eq!(gpu, cpu, "{row_dims:?}, p {p}");
+        }
+    }
+
+    #[test]
+    fn padding_changes_no_mask() {
+        // Attention probabilities [heads, queries, keys] padded from 5 to 9 positions.
+        let keys = [example_key(1, 2, 3, 0)];
+        let short = mask_values(&keys, 9, &[2, 5, 5], 0.5);
+        let long = mask_values(&keys, 9, &[2, 9, 9], 0.5);
+        for (h, q, k) in (0..2).flat_map(|h| (0..5).flat_map(move |q| (0..5).map(move |k| (h, q, k)))) {
+            assert_eq!(short[(h * 5 + q) * 5 + k], long[(h * 9 + q) * 9 + k], "({h}, {q}, {k})");
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! kdmcse's own tensor ops, one file each: the fused training ops with hand-written backward
+//! (softmax, LayerNorm, GELU), binary ops with a constant operand (masks), the dropout mask, and
+//! AdamW's in-place updates. Each runs a CPU kernel here and a CUDA kernel from `src/kernels/`
+//! with the same arithmetic; on other devices and dtypes the differentiable ones fall back to a
+//! composition of candle primitives. The composed versions are public so tests can check the
+//! fused kernels against them.
+
+mod adamw;
+mod constant;
+mod dropout_mask;
+mod gelu;
+mod layer_norm;
+mod softmax;
+
+pub(crate) use adamw::{AdamUpdate, Lerp};
+pub use constant::{add_constant, mul_constant};
+pub(crate) use dropout_mask::{dropout_mask, mix};
+pub use gelu::gelu_erf;
+pub use layer_norm::{layer_norm, layer_norm_composed};
+pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
+
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+
+/// The launch shapes of the CUDA kernels, as (blocks, threads per block); the host tests run the
+/// kernels with the same shapes.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) mod launch {
+    /// Threads per block of one-thread-per-element kernels (cudarc's `for_num_elems`).
+    pub(crate) const ELEMENTWISE_THREADS: usize = 1024;
+
+    /// One thread per element of `n`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the host harness computes its own grid
+    pub(crate) fn elementwise(n: usize) -> (usize, usize) {
+        (n.div_ceil(ELEMENTWISE_THREADS).max(1), ELEMENTWISE_THREADS)
+    }
+
+    /// One block per row (grid-stride beyond 2^16 rows), threads striding over the row: a power
+    /// of two between 32 and 256 (ops.cu's reductions need a power of two).
+    pub(crate) fn rows(rows: usize, dim: usize) -> (usize, usize) {
+        (rows.clamp(1, 1 << 16), dim.next_power_of_two().clamp(32, 256))
+    }
+}
+
+/// Whether the fused kernels serve `xs`: f32 on the CPU or on CUDA.
+fn fused(xs: &Tensor) -> bool {
+    xs.dtype() == DType::F32 && (xs.device().is_cpu() || xs.device().is_cuda())
+}
+
+/// The contiguous f32 data of a CPU custom op's input.
+pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(data) => data,
+        _ => candle_core::bail!("{op}: expected f32 input"),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// [`cpu_f32`] for the tensor an in-place op writes.
+pub(crate) fn cpu_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    let data = match storage {
+        CpuStorage::F32(data) => data,
+        _ => candle_core::bail!("{op}: expected f32 input"),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Launch plumbing shared by the CUDA twins of the ops.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+    use candle_core::{Layout, Result};
+
+    use crate::kernels::{Kernel, Module};
+
+    /// The contiguous element range of a layout.
+    fn range(layout: &Layout, op: &str) -> Result<std::ops::Range<usize>> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
+        Ok(start..end)
+    }
+
+    /// The contiguous f32 data of an op's input.
+    pub(super) fn input<'a>(
+        storage: &'a CudaStorage,
+        layout: &Layout,
+        op: &str,
+    ) -> Result<CudaView<'a, f32>> {
+        Ok(storage.as_cuda_slice::<f32>()?.slice(range(layout, op)?))
+    }
+
+    /// The contiguous element range of each operand of an in-place op, all of one size.
+    pub(super) fn ranges<const N: usize>(
+        layouts: [&Layout; N],
+        op: &str,
+    ) -> Result<[std::ops::Range<usize>; N]> {
+        let mut out = std::array::from_fn(|_| 0..0);
+        for (out, layout) in out.iter_mut().zip(layouts) {
+            *out = range(layout, op)?;
+        }
+        if out.iter().any(|r| r.len() != out[0].len()) {
+            candle_core::bail!("{op}: operands of different sizes {out:?}");
+        }
+        Ok(out)
+    }
+
+    pub(super) fn output<T: candle_core::cuda_backend::CudaDType>(
+        slice: CudaSlice<T>,
+        device: &CudaDevice,
+    ) -> CudaStorage {
+        CudaStorage::wrap_cuda_slice(slice, device.clone())
+    }
+
+    fn config((blocks, threads): (usize, usize)) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One thread per element ([`super::launch::elementwise`]).
+    pub(super) fn elementwise(n: usize) -> LaunchConfig {
+        config(super::launch::elementwise(n))
+    }
+
+    /// One block per row ([`super::launch::rows`]).
+    pub(super) fn rows(rows: usize, dim: usize) -> LaunchConfig {
+        config(super::launch::rows(rows, dim))
+    }
+
+    /// `kernel` of `module` on `device`.
+    pub(super) fn kernel(device: &CudaDevice, module: Module, kernel: &str) -> Result<Kernel> {
+        Kernel::load(device, module, kernel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The fused kernels and their backward agree with the composed ops candle differentiates.
+    #[test]
+    fn fused_ops_match_composed_forward_and_backward() {
+        let device = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (4, 5, 48), &device).unwrap() + 0.7).unwrap())
+            .unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 48, &device).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 48, &device).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (4, 5, 48), &device).unwrap();
+        type Op<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+        let ln_fused: Op = &|x| layer_norm(x, &w, &b, 1e-12);
+        let ln_composed: Op = &|x| layer_norm_composed(x, &w, &b, 1e-12);
+        let sm_fused: Op = &|x| softmax_last_dim(x);
+        let sm_composed: Op = &|x| softmax_last_dim_composed(x);
+        let gelu_fused: Op = &|x| gelu_erf(x);
+        let gelu_composed: Op = &|x| x.gelu_erf();
+        for (name, fused, composed) in [
+            ("layer_norm", ln_fused, ln_composed),
+            ("softmax", sm_fused, sm_composed),
+            ("gelu", gelu_fused, gelu_composed),
+        ] {
+            let (yf, yc) = (fused(x.as_tensor()).unwrap(), composed(x.as_tensor()).unwrap());
+            assert!(max_diff(&yf, &yc) < 1e-5, "{name} forward");
+            let gf = (yf * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (var, what) in [(&x, "x"), (&w, "weight"), (&b, "bias")] {
+                match (gf.get(var.as_tensor()), gc.get(var.as_tensor())) {
+                    (Some(f), Some(c)) => {
+                        assert!(max_diff(f, c) < 1e-4, "{name} d{what}: {}", max_diff(f, c))
+                    }
+                    (None, None) => {}
+                    _ => panic!("{name} d{what}: gradient present in one version only"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod cuda_kernel_tests {
+    //! kernels/ops.cu built for the host and run with the CUDA launches' block shapes (real
+    //! threads per block, a real barrier) against the CPU ops: the GPU arithmetic, its block
+    //! reductions included, is checked without a GPU. The reductions sum in tree order, the CPU
+    //! in row order: they agree to rounding, not bit for bit.
+
+    use super::*;
+    use candle_core::Device;
+
+    const MAIN: &str = r#"
+static std::vector<float> read(size_t n) {
+    std::vector<float> v(n);
+    for (size_t i = 0; i < n; i++) { unsigned u; if (scanf("%u", &u) != 1) exit(3); memcpy(&v[i], &u, 4); }
+    return v;
+}
+static void print(const std::vector<float> &xs) {
+    for (float f : xs) { unsigned u; memcpy(&u, &f, 4); printf("%u\n", u); }
+}
+// argv: mode, rows, dim, then the launch shapes: blocks and threads of the row kernels, threads
+// of the elementwise ones, and the LayerNorm parameter gradients' chunk of rows.
+int main(int argc, char **argv) {
+    std::string mode = argv[1];
+    unsigned rows = atoi(argv[2]), dim = atoi(argv[3]);
+    unsigned row_grid = atoi(argv[4]), row_block = atoi(argv[5]), elem_block = atoi(argv[6]);
+    unsigned chunk_rows = atoi(argv[7]);
+    float eps = 1e-12f;
+    size_t n = (size_t)rows * dim;
+    std::vector<float> x = read(n), out(n);
+    float *xp = x.data(), *op = out.data();
+    if (mode == "softmax") {
+        launch(row_grid, row_block, [&] { softmax_last_dim(xp, op, rows, dim); });
+        print(out);
+    }
+    if (mode == "gelu") {
+        launch(blocks_for(n, elem_block), elem_block, [&] { gelu_erf(xp, op, n); });
+        print(out);
+    }
+    if (mode == "gelu_backward") {
+        auto g = read(n);
+        float *gp = g.data();
+        launch(blocks_for(n, elem_block), elem_block, [&] { gelu_erf_backward(xp, gp, op, n); });
+        print(out);
+    }
+    if (mode == "layer_norm") {
+        auto w = read(dim), b = read(dim);
+        float *wp = w.data(), *bp = b.data();
+        launch(row_grid, row_block, [&] { layer_norm(xp, wp, bp, op, rows, dim, eps); });
+        print(out);
+    }
+    if (mode == "layer_norm_backward") {
+        auto w = read(dim), g = read(n);
+        unsigned chunks = (rows + chunk_rows - 1) / chunk_rows;
+        std::vector<float> stats(2 * rows), partial(2 * chunks * dim), dw(dim), db(dim);
+        float *wp = w.data(), *gp = g.data(), *sp = stats.data(), *pp = partial.data();
+        float *dwp = dw.data(), *dbp = db.data();
+        launch(row_grid, row_block, [&] { layer_norm_stats(xp, sp, rows, dim, eps); });
+        launch(row_grid, row_block, [&] { layer_norm_backward_input(xp, wp, gp, op, rows, dim, eps); });
+        launch(blocks_for((size_t)chunks * dim, elem_block), elem_block,
+               [&] { layer_norm_backward_params(xp, gp, sp, pp, rows, dim, chunk_rows); });
+        launch(blocks_for(dim, elem_block), elem_block,
+               [&] { layer_norm_backward_params_sum(pp, dwp, dbp, chunks, dim); });
+        print(out); print(dw); print(db);
+    }
+}
+"#;
+
+    /// Runs `mode` on the host with the launch shapes of the CUDA ops; `row_grid` overrides the
+    /// row kernels' block count (fewer blocks than rows exercise their grid-stride loops).
+    fn host_run(
+        exe: &std::path::Path,
+        mode: &str,
+        (rows, dim): (usize, usize),
+        row_grid: Option<usize>,
+        inputs: &[&Tensor],
+    ) -> Vec<f32> {
+        let input: Vec<f32> =
+            inputs.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        let (grid, block) = launch::rows(rows, dim);
+        let args = [
+            mode.to_owned(),
+            rows.to_string(),
+            dim.to_string(),
+            row_grid.unwrap_or(grid).to_string(),
+            block.to_string(),
+            launch::ELEMENTWISE_THREADS.to_string(),
+            layer_norm::LAYER_NORM_CHUNK_ROWS.to_string(),
+        ];
+        crate::kernels::host::run(exe, &args, &input)
+    }
+
+    fn assert_close(host: &[f32], cpu: &Tensor, what: &str) {
+        let cpu = cpu.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(host.len(), cpu.len(), "{what}: length");
+        for (i, (h, c)) in host.iter().zip(&cpu).enumerate() {
+            assert!((h - c).abs() <= 1e-5 * c.abs().max(1.0), "{what}[{i}]: host {h} vs cpu {c}");
+        }
+    }
+
+    #[test]
+    fn cuda_kernels_compute_the_cpu_ops() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = format!("#include <string>\n{MAIN}");
+        let exe = crate::kernels::host::compile(dir.path(), crate::kernels::OPS, &main);
+        let device = Device::Cpu;
+        // 150 rows: over two chunks of the LayerNorm parameter sums; 48 wide: a 64-thread block
+        // with idle threads; 300 wide: 256 threads striding over each row; 3 blocks: every block
+        // takes many rows through the grid-stride loop.
+        for (rows, dim, grid) in [(150, 48, None), (150, 48, Some(3)), (70, 300, None)] {
+            let shape = (rows, dim);
+            let what = |op: &str| format!("{op} {shape:?} grid {grid:?}");
+            let x = (Tensor::randn(0f32, 3.0, shape, &device).unwrap() + 0.7).unwrap();
+            let g = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
+            let w = Tensor::randn(1f32, 0.2, dim, &device).unwrap();
+            let b = Tensor::randn(0f32, 0.2, dim, &device).unwrap();
+            let host = |mode: &str, inputs: &[&Tensor]| host_run(&exe, mode, shape, grid, inputs);
+            assert_close(&host("softmax", &[&x]), &softmax_last_dim(&x).unwrap(), &what("softmax"));
+            assert_close(&host("gelu", &[&x]), &gelu_erf(&x).unwrap(), &what("gelu"));
+            let cpu = x.apply_op2_no_bwd(&g, &gelu::GeluErfBackward).unwrap();
+            assert_close(&host("gelu_backward", &[&x, &g]), &cpu, &what("gelu backward"));
+            let cpu = layer_norm(&x, &w, &b, 1e-12).unwrap();
+            assert_close(&host("layer_norm", &[&x, &w, &b]), &cpu, &what("layer norm"));
+            let cpu = x.apply_op3_no_bwd(&w, &g, &layer_norm::LayerNormBackward { eps: 1e-12 }).unwrap();
+            let host = host("layer_norm_backward", &[&x, &w, &g]);
+            assert_close(&host, &cpu, &what("layer norm backward (dx, dweight, dbias)"));
+        }
+    }
+}

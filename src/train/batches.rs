@@ -1,0 +1,182 @@
+//! What each micro-step trains on: the corpora and their samplers, the rule that mixes text and
+//! paired batches, each rank's share of the global batch, the dropout keys of its examples, and
+//! the two-view token batch the student reads.
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::TrainConfig;
+use crate::data::{sampler, Cursor, Encoded, PairedCorpus, Sampler, TextCorpus, TokenBatch, Tokenizer};
+use crate::model::dropout::{example_key, Dropout};
+
+/// Paired examples take dropout keys from here on, apart from the text examples' (0..).
+const PAIRED_KEY_BASE: u64 = 1 << 40;
+/// Sampler streams: one seed draws the orders of both corpora, apart.
+const TEXT_STREAM: u64 = 0;
+const PAIRED_STREAM: u64 = 1;
+
+/// Where the data streams stand; saved with every checkpoint (inside the trainer state).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct DataPosition {
+    /// Micro-batches taken (`step * grad_accum`); decides text vs paired batches and dropout.
+    pub micro_step: u64,
+    pub text_cursor: Cursor,
+    pub paired_cursor: Cursor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchKind {
+    Text,
+    Paired,
+}
+
+/// Raw teacher features of a paired batch's examples, `[B, dim]` each.
+pub struct TeacherFeatures {
+    pub image: Tensor,
+    pub caption: Tensor,
+}
+
+/// This rank's examples of one global batch, tokenised with both dropout views: rows `0..B` of
+/// `tokens` are view 0, rows `B..2B` view 1.
+pub struct TwoViewBatch {
+    pub kind: BatchKind,
+    pub examples: usize,
+    pub tokens: TokenBatch,
+    pub dropout: Dropout,
+    pub teacher: Option<TeacherFeatures>,
+}
+
+pub struct BatchPlan {
+    text: TextCorpus,
+    paired: Option<PairedCorpus>,
+    text_sampler: Sampler,
+    paired_sampler: Option<Sampler>,
+    /// One paired batch every this many micro-steps (none without a paired corpus).
+    paired_every: Option<u64>,
+    global_batch: usize,
+    tokenizer: Tokenizer,
+    seed: u64,
+    /// Dropout probabilities of hidden states and of attention probabilities.
+    dropout: (f32, f32),
+}
+
+impl BatchPlan {
+    /// The plan of `cfg` for global batches of `global_batch` examples, tokenised by `tokenizer`,
+    /// with the encoder's dropout probabilities.
+    pub fn new(
+        cfg: &TrainConfig,
+        global_batch: usize,
+        tokenizer: Tokenizer,
+        dropout: (f32, f32),
+    ) -> Result<Self> {
+        let text = TextCorpus::load(&cfg.data.text)?;
+        let paired = match (&cfg.data.paired, cfg.loss.uses_paired_data()) {
+            (Some(dir), true) => Some(PairedCorpus::load(dir)?),
+            _ => None,
+        };
+        let seed = cfg.train.seed;
+        let text_sampler = Sampler::new(text.len(), seed, TEXT_STREAM);
+        if text.len() < global_batch {
+            bail!(
+                "the text corpus has {} sentences, fewer than one global batch ({global_batch})",
+                text.len()
+            );
+        }
+        let paired_every = match &paired {
+            None => None,
+            Some(p) if p.len() < global_batch => bail!(
+                "the paired corpus has {} captions, fewer than one global batch ({global_batch})",
+                p.len()
+            ),
+            Some(p) => Some(match cfg.data.paired_every {
+                Some(every) => every as u64,
+                None => reference_mixing(&text_sampler, p.len(), global_batch)?,
+            }),
+        };
+        let paired_sampler = paired.as_ref().map(|p| Sampler::new(p.len(), seed, PAIRED_STREAM));
+        Ok(Self {
+            text,
+            paired,
+            text_sampler,
+            paired_sampler,
+            paired_every,
+            global_batch,
+            tokenizer,
+            seed,
+            dropout,
+        })
+    }
+
+    /// The teacher features' dimension (768, CLIP ViT-L/14's, without a paired corpus: the heads
+    /// that read them then never train).
+    pub fn teacher_dim(&self) -> usize {
+        const DEFAULT_TEACHER_DIM: usize = 768;
+        self.paired.as_ref().map_or(DEFAULT_TEACHER_DIM, PairedCorpus::dim)
+    }
+
+    /// Text batches in one epoch of the text corpus.
+    pub fn text_batches_per_epoch(&self) -> usize {
+        self.text_sampler.batches_per_epoch(self.global_batch)
+    }
+
+    fn kind_at(&self, micro_step: u64) -> BatchKind {
+        match self.paired_every {
+            Some(every) if micro_step % every == every - 1 => BatchKind::Paired,
+            _ => BatchKind::Text,
+        }
+    }
+
+    /// This rank's share of the next global batch, advancing `position` by one micro-step.
+    pub fn next(
+        &mut self,
+        position: &mut DataPosition,
+        rank: usize,
+        world: usize,
+        device: &Device,
+    ) -> Result<TwoViewBatch> {
+        let kind = self.kind_at(position.micro_step);
+        let (global, key_base) = match kind {
+            BatchKind::Paired => {
+                let sampler = self.paired_sampler.as_mut().expect("a paired corpus has a sampler");
+                (sampler.next_batch(&mut position.paired_cursor, self.global_batch), PAIRED_KEY_BASE)
+            }
+            BatchKind::Text => {
+                (self.text_sampler.next_batch(&mut position.text_cursor, self.global_batch), 0)
+            }
+        };
+        let local = sampler::rank_slice(&global, rank, world);
+        let keys = (0..2u64)
+            .flat_map(|view| local.iter().map(move |&i| (view, i)))
+            .map(|(view, i)| example_key(self.seed, position.micro_step, key_base + i as u64, view))
+            .collect();
+        position.micro_step += 1;
+        let (sentences, teacher): (Vec<&str>, _) = match kind {
+            BatchKind::Paired => {
+                let batch =
+                    self.paired.as_ref().expect("paired batches need the corpus").batch(local, device)?;
+                let teacher =
+                    TeacherFeatures { image: batch.image_features, caption: batch.caption_features };
+                (batch.captions, Some(teacher))
+            }
+            BatchKind::Text => {
+                (local.iter().map(|&i| self.text.sentences[i as usize].as_str()).collect(), None)
+            }
+        };
+        let encoded = self.tokenizer.encode(&sentences)?;
+        let rows: Vec<&Encoded> = encoded.iter().chain(&encoded).collect();
+        let tokens = TokenBatch::pad(&rows, self.tokenizer.pad_id(), device)?;
+        let dropout = Dropout::per_example(self.dropout.0, self.dropout.1, keys);
+        Ok(TwoViewBatch { kind, examples: local.len(), tokens, dropout, teacher })
+    }
+}
+
+/// The reference's mixing rule: one paired batch every `text batches // paired batches`.
+fn reference_mixing(text: &Sampler, paired_len: usize, global_batch: usize) -> Result<u64> {
+    let every = text.batches_per_epoch(global_batch) / (paired_len / global_batch).max(1);
+    if every == 0 {
+        bail!("the reference mixing rule (text batches // paired batches) gives 0 for this data: set data.paired_every");
+    }
+    Ok(every as u64)
+}

@@ -1,0 +1,135 @@
+//! What a run records: one JSON line per step and per evaluation in `metrics.jsonl`, and the
+//! progress bar on a terminal.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::batches::BatchKind;
+use super::TrainConfig;
+use crate::checkpoint::is_remote;
+
+/// One step's numbers, as written to the metrics file.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub kind: BatchKind,
+    pub loss: f64,
+    pub loss_text: f64,
+    pub loss_grounding: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub masked_negatives: usize,
+    pub sentences_per_s: f64,
+    pub step_s: f64,
+    /// Seconds of the step spent in collectives (gathers, gradient all-reduce).
+    pub comm_s: f64,
+    /// Where the step's time went, with `train.phase_timings` on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Phases>,
+}
+
+/// Seconds of one step by phase: forward (tokenising included), backward, and the update
+/// (gradient all-reduce, clipping, AdamW); each ends with a device synchronisation.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Phases {
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub update_s: f64,
+}
+
+/// The loss side of one micro-step.
+#[derive(Debug, Clone)]
+pub struct MicroMetrics {
+    pub kind: BatchKind,
+    pub loss: f64,
+    pub loss_text: f64,
+    pub loss_grounding: Option<f64>,
+    pub masked_negatives: usize,
+    pub forward_s: f64,
+    pub backward_s: f64,
+}
+
+impl StepMetrics {
+    /// The step's record from its micro-steps: with accumulation, the mean of their losses (the
+    /// kind is the first's). Timings and the update's numbers are filled in by the caller.
+    pub fn from_micro(step: u64, micro: &[MicroMetrics]) -> Self {
+        let n = micro.len() as f64;
+        let grounding: Vec<f64> = micro.iter().filter_map(|m| m.loss_grounding).collect();
+        Self {
+            step,
+            kind: micro[0].kind,
+            loss: micro.iter().map(|m| m.loss).sum::<f64>() / n,
+            loss_text: micro.iter().map(|m| m.loss_text).sum::<f64>() / n,
+            loss_grounding: (!grounding.is_empty())
+                .then(|| grounding.iter().sum::<f64>() / grounding.len() as f64),
+            lr: 0.0,
+            grad_norm: 0.0,
+            masked_negatives: micro.iter().map(|m| m.masked_negatives).sum(),
+            sentences_per_s: 0.0,
+            step_s: 0.0,
+            comm_s: 0.0,
+            phases: None,
+        }
+    }
+}
+
+/// The metrics file (rank 0 only; other ranks hold a closed log).
+pub struct MetricsLog(Option<std::fs::File>);
+
+impl MetricsLog {
+    /// `output.metrics`, else `<output.dir>/metrics.jsonl` for a local `output.dir`; appended to.
+    pub fn open(cfg: &TrainConfig, rank: usize) -> Result<Self> {
+        if rank != 0 {
+            return Ok(Self(None));
+        }
+        let path = match &cfg.output.metrics {
+            Some(p) => p.clone(),
+            None if !is_remote(&cfg.output.dir) => PathBuf::from(&cfg.output.dir).join("metrics.jsonl"),
+            None => bail!("output.dir {} is not local: set output.metrics to a local file", cfg.output.dir),
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open metrics file {}", path.display()))?;
+        Ok(Self(Some(file)))
+    }
+
+    /// Empties the file (a fresh start over a deleted run).
+    pub fn clear(&mut self) -> Result<()> {
+        if let Some(file) = &mut self.0 {
+            file.set_len(0).context("cannot empty the metrics file")?;
+        }
+        Ok(())
+    }
+
+    pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
+        if let Some(file) = &mut self.0 {
+            serde_json::to_writer(&mut *file, record)?;
+            file.write_all(b"\n")?;
+            file.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// The training progress bar: on rank 0 writing to a terminal; hidden otherwise.
+pub fn progress_bar(total: u64, position: u64, rank: usize) -> indicatif::ProgressBar {
+    if rank != 0 || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total).with_position(position);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "train {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}, {per_sec}]",
+        )
+        .expect("valid template"),
+    );
+    bar
+}

@@ -1,0 +1,163 @@
+//! The student: the pretrained encoder and the four KDMCSE heads as one set of trainable
+//! variables, its seeded head initialisation, and the forward of a two-view batch to the
+//! embeddings the objective reads.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+
+use super::batches::TwoViewBatch;
+use crate::checkpoint::layout::{ENCODER_PREFIX, HEADS_PREFIX};
+use crate::model::heads::{HeadShape, Heads};
+use crate::model::{self, BertModel, Pooling};
+
+/// Mixed into the seed for the heads' initialisation, so it draws apart from the data order.
+const HEAD_SEED_SALT: u64 = 0x4845_4144_5321; // "HEADS!"
+/// The standard deviation of BERT's initialisation, which SimCSE and MCSE give their heads.
+const HEAD_INIT_STD: f64 = 0.02;
+
+/// The student's outputs for a two-view batch of B examples.
+pub struct Embeddings {
+    /// MLP-head outputs of view 1 and view 2, `[B, hidden]`.
+    pub z1: Tensor,
+    pub z2: Tensor,
+    /// On paired batches, the grounding side.
+    pub grounding: Option<GroundingEmbeddings>,
+}
+
+/// Grounding projections of both views, and the teacher heads' outputs of the batch's teacher
+/// features; all normalised, `[B, proj_dim]`.
+pub struct GroundingEmbeddings {
+    pub p1: Tensor,
+    pub p2: Tensor,
+    pub v: Tensor,
+    pub t: Tensor,
+}
+
+pub struct Student {
+    varmap: VarMap,
+    pub encoder: BertModel,
+    heads: Heads,
+    pooling: Pooling,
+}
+
+impl Student {
+    /// The encoder of `model_dir` (every tensor its config.json asks for must be there) and
+    /// freshly initialised heads with `proj_dim` outputs over `teacher_dim` teacher features,
+    /// matmuls in `compute`.
+    pub fn load(
+        model_dir: &Path,
+        pooling: Pooling,
+        proj_dim: usize,
+        teacher_dim: usize,
+        seed: u64,
+        compute: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = model::load_config(model_dir)?;
+        let varmap = VarMap::new();
+        model::load_encoder_vars(&varmap, ENCODER_PREFIX, model_dir, &config, device)?;
+        let loaded: BTreeSet<String> = varmap.data().lock().expect("varmap lock").keys().cloned().collect();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let encoder = BertModel::load(vb.pp("encoder"), &config)
+            .with_context(|| format!("{}: weights do not fit config.json", model_dir.display()))?
+            .with_compute_dtype(compute);
+        // The VarBuilder creates what the file lacks: a folder that does not cover its config.
+        let created: BTreeSet<String> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .keys()
+            .filter(|k| !loaded.contains(*k))
+            .cloned()
+            .collect();
+        if let Some(first) = created.first() {
+            bail!(
+                "{}: the weights lack {} (and {} more) that config.json asks for (num_hidden_layers {}, \
+                 hidden_size {}): a truncated or mismatched model.safetensors",
+                model_dir.display(),
+                first.strip_prefix(ENCODER_PREFIX).unwrap_or(first),
+                created.len() - 1,
+                config.num_hidden_layers,
+                config.hidden_size
+            );
+        }
+        let shapes = Heads::shapes(config.hidden_size, proj_dim, teacher_dim);
+        init_heads(&varmap, seed, &shapes, device)?;
+        let heads = Heads::load(vb.pp("heads"), config.hidden_size, proj_dim, teacher_dim)?;
+        Ok(Self { varmap, encoder, heads, pooling })
+    }
+
+    /// The embeddings of `batch`'s two views (and of its teacher features on a paired batch).
+    pub fn forward(&self, batch: &TwoViewBatch) -> Result<Embeddings> {
+        let b = batch.examples;
+        let h = self.encoder.embed(&batch.tokens, &batch.dropout, self.pooling)?;
+        let z = self.heads.mlp.forward(&h)?;
+        let (z1, z2) = (z.narrow(0, 0, b)?, z.narrow(0, b, b)?);
+        let grounding = match &batch.teacher {
+            None => None,
+            Some(teacher) => {
+                let p = self.heads.grounding.forward(&h)?;
+                Some(GroundingEmbeddings {
+                    p1: p.narrow(0, 0, b)?,
+                    p2: p.narrow(0, b, b)?,
+                    v: self.heads.image.forward(&teacher.image)?,
+                    t: self.heads.caption.forward(&teacher.caption)?,
+                })
+            }
+        };
+        Ok(Embeddings { z1, z2, grounding })
+    }
+
+    /// Every trainable variable by name (`encoder.*`, `heads.*`).
+    pub fn params(&self) -> Vec<(String, Var)> {
+        self.varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Every trainable tensor by name.
+    pub fn weights(&self) -> HashMap<String, Tensor> {
+        self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+    }
+
+    /// Sets every variable from `weights` (a checkpoint's `what`), which must hold each one with
+    /// its shape.
+    pub fn restore(&self, weights: &HashMap<String, Tensor>, what: &str) -> Result<()> {
+        for (key, var) in self.params() {
+            let saved = weights.get(&key).with_context(|| format!("{what} has no tensor {key}"))?;
+            if saved.dims() != var.dims() {
+                bail!("{what}: {key} has shape {:?}, the model {:?}", saved.dims(), var.dims());
+            }
+            var.set(saved)?;
+        }
+        Ok(())
+    }
+}
+
+/// Normal(0, 0.02) weights and zero biases for the heads, drawn from the seed so that every rank
+/// and every run agree.
+fn init_heads(varmap: &VarMap, seed: u64, shapes: &[HeadShape], device: &Device) -> Result<()> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ HEAD_SEED_SALT);
+    let mut data = varmap.data().lock().expect("varmap lock");
+    for shape in shapes {
+        let weights: Vec<f32> = (0..shape.input * shape.output)
+            .map(|_| {
+                // Box-Muller.
+                let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * HEAD_INIT_STD) as f32
+            })
+            .collect();
+        let weight = Tensor::from_vec(weights, (shape.output, shape.input), device)?;
+        let prefix = format!("{HEADS_PREFIX}{}.dense", shape.name);
+        data.insert(format!("{prefix}.weight"), Var::from_tensor(&weight)?);
+        data.insert(format!("{prefix}.bias"), Var::zeros(shape.output, DType::F32, device)?);
+    }
+    tracing::info!(
+        heads = ?shapes.iter().map(|s| s.name).collect::<Vec<_>>(),
+        "initialised the heads (std {HEAD_INIT_STD}); every other parameter comes from the model folder"
+    );
+    Ok(())
+}
