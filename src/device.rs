@@ -20,17 +20,25 @@ pub enum DeviceSpec {
 impl DeviceSpec {
     /// Opens the device.
     pub fn device(self) -> Result<Device> {
-        Ok(match self {
-            DeviceSpec::Cpu => Device::Cpu,
+        let ordinal = match self {
+            DeviceSpec::Cpu => return Ok(Device::Cpu),
             DeviceSpec::Cuda => {
                 // The launcher pins each worker to one GPU through CUDA_VISIBLE_DEVICES; otherwise
                 // the worker's GPU is its LOCAL_RANK.
                 let pinned = std::env::var("CUDA_VISIBLE_DEVICES").is_ok_and(|v| !v.contains(','));
                 let local_rank = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-                Device::new_cuda(if pinned { 0 } else { local_rank })?
+                if pinned {
+                    0
+                } else {
+                    local_rank
+                }
             }
-            DeviceSpec::CudaOrdinal(ordinal) => Device::new_cuda(ordinal)?,
-        })
+            DeviceSpec::CudaOrdinal(ordinal) => ordinal,
+        };
+        let device = Device::new_cuda(ordinal)?;
+        #[cfg(feature = "cuda")]
+        one_stream_settings(&device)?;
+        Ok(device)
     }
 
     pub fn is_gpu(self) -> bool {

@@ -99,7 +99,9 @@ mod cuda {
     /// `module` on the device of `context`, compiled for its architecture on first use and kept
     /// for the process.
     pub(super) fn module(context: &Arc<CudaContext>, module: Module) -> Result<Arc<CudaModule>> {
-        static LOADED: OnceLock<Mutex<HashMap<(usize, &'static str), Arc<CudaModule>>>> = OnceLock::new();
+        /// Loaded modules by (device ordinal, module name).
+        type Loaded = HashMap<(usize, &'static str), Arc<CudaModule>>;
+        static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
         let key = (context.ordinal(), module.name);
         let mut loaded = LOADED.get_or_init(Default::default).lock().expect("module cache lock");
         if let Some(m) = loaded.get(&key) {
