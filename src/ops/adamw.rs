@@ -48,7 +48,7 @@ impl InplaceOp2 for Lerp {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let kernel = cuda::kernel(&s1.device, crate::kernels::ADAMW, "adamw_moment")?;
+        let kernel = crate::kernels::Kernel::load(&s1.device, crate::kernels::ADAMW, "adamw_moment")?;
         let [rx, rg] = cuda::ranges([l1, l2], self.name())?;
         let n = rx.len() as u32;
         let mut x = s1.as_cuda_slice_mut::<f32>()?.slice_mut(rx);
@@ -107,7 +107,7 @@ impl InplaceOp3 for AdamUpdate {
         l3: &Layout,
     ) -> candle_core::Result<()> {
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let kernel = cuda::kernel(&s1.device, crate::kernels::ADAMW, "adamw_update")?;
+        let kernel = crate::kernels::Kernel::load(&s1.device, crate::kernels::ADAMW, "adamw_update")?;
         let [rp, rm, rv] = cuda::ranges([l1, l2, l3], self.name())?;
         let n = rp.len() as u32;
         let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(rp);

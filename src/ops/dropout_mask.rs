@@ -104,7 +104,7 @@ impl Mask<'_> {
         let keys = device.clone_htod(self.keys)?;
         // SAFETY: the kernel writes each of the n elements.
         let mut out = unsafe { device.alloc::<T>(n)? };
-        let kernel = cuda::kernel(device, crate::kernels::DROPOUT, kernel)?;
+        let kernel = crate::kernels::Kernel::load(device, crate::kernels::DROPOUT, kernel)?;
         let mut args = kernel.args();
         args.arg(&keys).arg(&self.site).arg(&rows).arg(&d0).arg(&d1).arg(&d2);
         args.arg(&threshold).arg(&kept).arg(&mut out);

@@ -64,7 +64,8 @@ impl CustomOp1 for GeluErf {
         let n = layout.shape().elem_count();
         let x = cuda::input(storage, layout, self.name())?;
         let mut y = unsafe { storage.device.alloc::<f32>(n)? };
-        let (func, n32) = (cuda::kernel(&storage.device, crate::kernels::OPS, "gelu_erf")?, n as u32);
+        let (func, n32) =
+            (crate::kernels::Kernel::load(&storage.device, crate::kernels::OPS, "gelu_erf")?, n as u32);
         let mut args = func.args();
         args.arg(&x).arg(&mut y).arg(&n32);
         // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
@@ -119,7 +120,8 @@ impl CustomOp2 for GeluErfBackward {
         let n = l1.shape().elem_count();
         let (x, g) = (cuda::input(s1, l1, self.name())?, cuda::input(s2, l2, self.name())?);
         let mut dx = unsafe { s1.device.alloc::<f32>(n)? };
-        let (func, n32) = (cuda::kernel(&s1.device, crate::kernels::OPS, "gelu_erf_backward")?, n as u32);
+        let (func, n32) =
+            (crate::kernels::Kernel::load(&s1.device, crate::kernels::OPS, "gelu_erf_backward")?, n as u32);
         let mut args = func.args();
         args.arg(&x).arg(&g).arg(&mut dx).arg(&n32);
         // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.

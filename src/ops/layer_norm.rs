@@ -90,7 +90,7 @@ impl CustomOp3 for LayerNorm {
         let mut y = unsafe { s1.device.alloc::<f32>(n)? };
         let rows = n / dim;
         let (r, d, eps) = (rows as u32, dim as u32, self.eps as f32);
-        let func = cuda::kernel(&s1.device, crate::kernels::OPS, "layer_norm")?;
+        let func = crate::kernels::Kernel::load(&s1.device, crate::kernels::OPS, "layer_norm")?;
         let mut args = func.args();
         args.arg(&x).arg(&w).arg(&b).arg(&mut y).arg(&r).arg(&d).arg(&eps);
         // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
@@ -165,28 +165,31 @@ impl CustomOp3 for LayerNormBackward {
         let mut stats = unsafe { device.alloc::<f32>(2 * rows)? };
         let mut out = unsafe { device.alloc::<f32>((rows + 2) * dim)? };
         let (r, d) = (rows as u32, dim as u32);
-        let func = cuda::kernel(device, crate::kernels::OPS, "layer_norm_stats")?;
+        let func = crate::kernels::Kernel::load(device, crate::kernels::OPS, "layer_norm_stats")?;
         let mut args = func.args();
         args.arg(&x).arg(&mut stats).arg(&r).arg(&d).arg(&eps);
         // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
         unsafe { func.launch(args, cuda::rows(rows, dim))? };
         {
             let (mut dx, mut params) = out.split_at_mut(rows * dim);
-            let func = cuda::kernel(device, crate::kernels::OPS, "layer_norm_backward_input")?;
+            let func =
+                crate::kernels::Kernel::load(device, crate::kernels::OPS, "layer_norm_backward_input")?;
             let mut args = func.args();
             args.arg(&x).arg(&w).arg(&g).arg(&mut dx).arg(&r).arg(&d).arg(&eps);
             // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
             unsafe { func.launch(args, cuda::rows(rows, dim))? };
             let chunks = rows.div_ceil(LAYER_NORM_CHUNK_ROWS);
             let mut partial = unsafe { device.alloc::<f32>(2 * chunks * dim)? };
-            let func = cuda::kernel(device, crate::kernels::OPS, "layer_norm_backward_params")?;
+            let func =
+                crate::kernels::Kernel::load(device, crate::kernels::OPS, "layer_norm_backward_params")?;
             let mut args = func.args();
             let chunk_rows = LAYER_NORM_CHUNK_ROWS as u32;
             args.arg(&x).arg(&g).arg(&stats).arg(&mut partial).arg(&r).arg(&d).arg(&chunk_rows);
             // SAFETY: the arguments follow the kernel's signature in ops.cu; buffers hold its elements.
             unsafe { func.launch(args, cuda::elementwise(chunks * dim))? };
             let (mut dw, mut db) = params.split_at_mut(dim);
-            let func = cuda::kernel(device, crate::kernels::OPS, "layer_norm_backward_params_sum")?;
+            let func =
+                crate::kernels::Kernel::load(device, crate::kernels::OPS, "layer_norm_backward_params_sum")?;
             let mut args = func.args();
             let c = chunks as u32;
             args.arg(&partial).arg(&mut dw).arg(&mut db).arg(&c).arg(&d);

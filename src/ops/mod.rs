@@ -81,8 +81,6 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::{Layout, Result};
 
-    use crate::kernels::{Kernel, Module};
-
     /// The contiguous element range of a layout.
     fn range(layout: &Layout, op: &str) -> Result<std::ops::Range<usize>> {
         let (start, end) = layout
@@ -138,11 +136,6 @@ mod cuda {
     /// One block per row ([`super::launch::rows`]).
     pub(super) fn rows(rows: usize, dim: usize) -> LaunchConfig {
         config(super::launch::rows(rows, dim))
-    }
-
-    /// `kernel` of `module` on `device`.
-    pub(super) fn kernel(device: &CudaDevice, module: Module, kernel: &str) -> Result<Kernel> {
-        Kernel::load(device, module, kernel)
     }
 }
 

@@ -60,7 +60,7 @@ impl CustomOp1 for SoftmaxLastDim {
         let x = cuda::input(storage, layout, self.name())?;
         let mut y = unsafe { storage.device.alloc::<f32>(n)? };
         let (func, rows, dim32) = (
-            cuda::kernel(&storage.device, crate::kernels::OPS, "softmax_last_dim")?,
+            crate::kernels::Kernel::load(&storage.device, crate::kernels::OPS, "softmax_last_dim")?,
             (n / dim) as u32,
             dim as u32,
         );
