@@ -177,7 +177,12 @@ impl ClipTeacher {
     /// Projected image features `[n, projection_dim]` (not normalised).
     pub fn embed_images(&self, paths: &[&Path]) -> Result<Tensor> {
         let pixels = paths.iter().map(|p| self.preprocess(p)).collect::<Result<Vec<_>>>()?;
-        Ok(self.model.get_image_features(&Tensor::stack(&pixels, 0)?)?)
+        self.embed_pixels(&Tensor::stack(&pixels, 0)?)
+    }
+
+    /// Projected image features of preprocessed images `[n, 3, size, size]`.
+    pub fn embed_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(self.model.get_image_features(pixels)?)
     }
 
     /// CLIP's preprocessing: shortest side resized to the input size (bicubic), centre crop,

@@ -1,9 +1,8 @@
 //! A real S3-compatible server for tests: s3s-fs (installed by scripts/install-test-deps.sh)
 //! as a child process on loopback, and the settings that point kdmcse at it.
 
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use kdmcse::checkpoint::CheckpointStore;
 
@@ -20,28 +19,35 @@ impl S3Server {
     pub fn start() -> Self {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join(BUCKET)).unwrap(); // a bucket is a folder
-        let port = super::process::free_port();
-        let child = Command::new("s3s-fs")
+                                                                    // Port 0: the server binds a free port and logs it, so parallel tests never collide.
+        let mut child = Command::new("s3s-fs")
             .args([
                 "--host",
                 "127.0.0.1",
                 "--port",
-                &port.to_string(),
+                "0",
                 "--access-key",
                 "test",
                 "--secret-key",
                 "testsecret",
             ])
             .arg(root.path())
-            .stdout(Stdio::null())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("s3s-fs not found: run scripts/install-test-deps.sh");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        const RUNNING_AT: &str = "server is running at http://127.0.0.1:";
+        let port = loop {
+            let line = lines.next().expect("s3s-fs exited before it served").unwrap();
+            if let Some(at) = line.find(RUNNING_AT) {
+                break line[at + RUNNING_AT.len()..].trim().parse::<u16>().expect("a port");
+            }
+        };
+        // Keep draining its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
         Self { child, port, _root: root }
     }
 }
