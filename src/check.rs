@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::data::{TokenBatch, Tokenizer};
@@ -126,17 +126,12 @@ pub fn collectives(comm: &dyn Communicator, device: &Device, report: Report) -> 
         && max_abs_diff(reduced[2].as_ref().expect("kept"), &Tensor::full(total, big, device)?)? == 0.0;
     report(Check { name: "all_reduce_grads".into(), passed, detail: format!("{} + {big} elements", 12) });
 
-    // Global negatives: the gathered batch's gradient reaches this rank's rows only.
-    let local = Var::from_tensor(&Tensor::full(rank as f32, (2, 3), device)?)?;
-    let gathered = dist::gather_with_local_grad(comm, local.as_tensor())?;
-    let weights = tensor((0..6 * world).map(|i| i as f32).collect(), &[2 * world, 3], device)?;
-    let grads = (&gathered * &weights)?.sum_all()?.backward()?;
-    let grad = grads.get(local.as_tensor()).expect("the local rows get a gradient");
-    let rows = weights.narrow(0, 2 * rank, 2)?;
-    // Rows 2r and 2r + 1 come from rank r, filled with r.
-    let expected = tensor((0..6 * world).map(|i| (i / 6) as f32).collect(), &[2 * world, 3], device)?;
-    let values = max_abs_diff(&gathered, &expected)?;
-    report(Check::equal("gather_with_local_grad", max_abs_diff(grad, &rows)?.max(values)));
+    // Global negatives: rank r's gradient with respect to the pool is r + 1 everywhere; each rank
+    // gets the sum over ranks of its own rows.
+    let pool_grad = Tensor::full((rank + 1) as f32, (2 * world, 3), device)?;
+    let own = dist::own_rows_of_pool_grads(comm, &[pool_grad], 2)?;
+    let expected = Tensor::full((world * (world + 1) / 2) as f32, (2, 3), device)?;
+    report(Check::equal("own_rows_of_pool_grads", max_abs_diff(&own[0], &expected)?));
 
     report(barrier(comm)?);
     Ok(())

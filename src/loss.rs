@@ -5,9 +5,8 @@
 //! of) and `cols` (the whole batch: the negative pool) plus `row_offset`, the index in `cols` of
 //! the first row: row `i` is positive with column `row_offset + i`. Rows may be any contiguous
 //! slice of the batch -- a rank's own examples against columns gathered from every rank (open_clip's
-//! `ClipLoss`), so each rank's cost falls as ranks are added -- or all of it (offset 0), which is
-//! what the trainer passes today: each rank computes the whole global loss, with gradient only
-//! through its own rows (`dist::gather_with_local_grad`). The golden tests check both uses.
+//! `ClipLoss`), which is what the trainer passes, so each rank's cost falls as ranks are added --
+//! or all of it (offset 0). The golden tests check both uses.
 //! SimCSE and MCSE are this objective with margins 0 and, for SimCSE, no grounding term.
 
 use candle_core::{DType, Device, Result, Tensor};

@@ -242,7 +242,7 @@ fn collective_checks_pass_on_two_ranks_and_on_a_launched_world_of_one() {
                 .map(|l| serde_json::from_str(l).unwrap())
                 .partition(|v: &serde_json::Value| v.get("event").is_some());
             for name in
-                ["all_gather", "all_reduce_sum", "all_reduce_grads", "gather_with_local_grad", "barrier"]
+                ["all_gather", "all_reduce_sum", "all_reduce_grads", "own_rows_of_pool_grads", "barrier"]
             {
                 assert!(
                     checks.iter().any(|c| c["name"] == name && c["passed"] == true),

@@ -14,6 +14,7 @@ pub struct Encoded {
 }
 
 /// A padded batch: `input_ids`, `token_type_ids`, `attention_mask`, each u32 `[batch, len]`.
+#[derive(Clone)]
 pub struct TokenBatch {
     pub input_ids: Tensor,
     pub token_type_ids: Tensor,

@@ -65,27 +65,28 @@ impl Communicator for SingleProcess {
     }
 }
 
-/// The global batch of `local` with gradient flowing into this rank's slice only: other ranks'
-/// rows arrive as constants, this rank's rows are `local` itself. Each rank then computes the
-/// global loss; summing the ranks' gradients (all-reduce) gives exactly the gradient of one
-/// process on the whole batch, since each row's contribution is computed by its owner alone.
-pub fn gather_with_local_grad(comm: &dyn Communicator, local: &Tensor) -> Result<Tensor> {
-    if comm.world_size() == 1 {
-        return Ok(local.clone());
-    }
-    let rows = local.dim(0)?;
-    let all = comm.all_gather(&local.detach())?;
+/// This rank's rows of the gradients with respect to a pool gathered from every rank (rank `r`
+/// owning rows `r * rows .. (r + 1) * rows` of each tensor). Each rank's loss rows reach every
+/// column of the pool, so the gradient of the global loss with respect to a column is the sum of
+/// every rank's gradient; one all-reduce carries all the tensors.
+pub fn own_rows_of_pool_grads(
+    comm: &dyn Communicator,
+    pool_grads: &[Tensor],
+    rows: usize,
+) -> Result<Vec<Tensor>> {
     let start = comm.rank() * rows;
-    let mut parts = Vec::with_capacity(3);
-    if start > 0 {
-        parts.push(all.narrow(0, 0, start)?);
+    if comm.world_size() == 1 {
+        return pool_grads.iter().map(|g| Ok(g.narrow(0, start, rows)?)).collect();
     }
-    parts.push(local.clone());
-    let end = start + rows;
-    if end < all.dim(0)? {
-        parts.push(all.narrow(0, end, all.dim(0)? - end)?);
+    let flat = pool_grads.iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+    let mut offset = 0;
+    let mut out = Vec::with_capacity(pool_grads.len());
+    for g in pool_grads {
+        out.push(summed.narrow(0, offset, g.elem_count())?.reshape(g.shape())?.narrow(0, start, rows)?);
+        offset += g.elem_count();
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    Ok(out)
 }
 
 /// Elements per all-reduce bucket (PyTorch DDP's 25 MB of f32).

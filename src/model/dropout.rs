@@ -62,6 +62,13 @@ impl Dropout {
         Self { hidden_p, attention_p, row_keys: Some(row_keys) }
     }
 
+    /// The dropout of the batch rows `rows` (in that order), as a batch of their own: the same
+    /// masks, since they follow the rows' keys.
+    pub fn select_rows(&self, rows: &[usize]) -> Self {
+        let row_keys = self.row_keys.as_ref().map(|keys| rows.iter().map(|&r| keys[r]).collect());
+        Self { row_keys, ..self.clone() }
+    }
+
     /// Applies the mask of `site` to `xs`, whose first dimension is the batch. The mask is made
     /// where `xs` lives (a CUDA kernel on GPUs), identical on every device.
     pub fn apply(&self, xs: &Tensor, site: Site) -> Result<Tensor> {

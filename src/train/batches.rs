@@ -33,6 +33,7 @@ pub enum BatchKind {
 }
 
 /// Raw teacher features of a paired batch's examples, `[B, dim]` each.
+#[derive(Clone)]
 pub struct TeacherFeatures {
     pub image: Tensor,
     pub caption: Tensor,
@@ -40,12 +41,54 @@ pub struct TeacherFeatures {
 
 /// This rank's examples of one global batch, tokenised with both dropout views: rows `0..B` of
 /// `tokens` are view 0, rows `B..2B` view 1.
+#[derive(Clone)]
 pub struct TwoViewBatch {
     pub kind: BatchKind,
     pub examples: usize,
     pub tokens: TokenBatch,
     pub dropout: Dropout,
     pub teacher: Option<TeacherFeatures>,
+}
+
+impl TwoViewBatch {
+    /// Examples `start..start + len` with both views, as a batch of its own, padded to its own
+    /// longest sentence (dropout masks follow the examples' keys and coordinates, so they are the
+    /// ones the whole batch would use).
+    pub fn chunk(&self, start: usize, len: usize) -> Result<TwoViewBatch> {
+        if start == 0 && len == self.examples {
+            return Ok(self.clone());
+        }
+        let rows: Vec<usize> =
+            (start..start + len).chain(self.examples + start..self.examples + start + len).collect();
+        let index = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            self.tokens.input_ids.device(),
+        )?;
+        let select = |t: &Tensor| t.index_select(&index, 0);
+        let attention_mask = select(&self.tokens.attention_mask)?;
+        let longest = attention_mask.sum(1)?.max(0)?.to_scalar::<u32>()? as usize;
+        let trim = |t: Tensor| t.narrow(1, 0, longest);
+        let tokens = TokenBatch {
+            input_ids: trim(select(&self.tokens.input_ids)?)?,
+            token_type_ids: trim(select(&self.tokens.token_type_ids)?)?,
+            attention_mask: trim(attention_mask)?,
+        };
+        let teacher = match &self.teacher {
+            Some(t) => Some(TeacherFeatures {
+                image: t.image.narrow(0, start, len)?,
+                caption: t.caption.narrow(0, start, len)?,
+            }),
+            None => None,
+        };
+        Ok(TwoViewBatch {
+            kind: self.kind,
+            examples: len,
+            tokens,
+            dropout: self.dropout.select_rows(&rows),
+            teacher,
+        })
+    }
 }
 
 pub struct BatchPlan {
@@ -114,6 +157,11 @@ impl BatchPlan {
     pub fn teacher_dim(&self) -> usize {
         const DEFAULT_TEACHER_DIM: usize = 768;
         self.paired.as_ref().map_or(DEFAULT_TEACHER_DIM, PairedCorpus::dim)
+    }
+
+    /// Examples per micro-step over all ranks (the pool).
+    pub fn global_batch(&self) -> usize {
+        self.global_batch
     }
 
     /// Text batches in one epoch of the text corpus.

@@ -58,8 +58,18 @@ pub struct DataConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
     pub seed: u64,
-    /// Sentences per process and step.
-    pub batch_size: usize,
+    /// Examples per optimiser step over all ranks: the negative pool. Each rank takes
+    /// `global_batch / world`, so one config trains the same model on any number of workers.
+    /// Default (neither this nor `batch_size` set): 64.
+    pub global_batch: Option<usize>,
+    /// Examples per process and step (the pool is then `world x batch_size`); kept for older
+    /// configs, exclusive with `global_batch`.
+    pub batch_size: Option<usize>,
+    /// Examples per forward chunk on a rank: smaller than the rank's batch, the step embeds the
+    /// batch chunk by chunk without keeping activations, computes the loss over the whole pool,
+    /// then re-runs each chunk and back-propagates the cached embedding gradients (the gradient
+    /// cache), so the pool is not bounded by activation memory. Default: the whole rank batch.
+    pub micro_batch: Option<usize>,
     /// Optimiser steps; 0 means `epochs` passes over the text corpus.
     pub max_steps: usize,
     pub epochs: usize,
@@ -103,12 +113,38 @@ impl Precision {
     }
 }
 
+/// The global batch when a config sets neither `global_batch` nor `batch_size` (the reference's).
+const DEFAULT_GLOBAL_BATCH: usize = 64;
+
+impl TrainingConfig {
+    /// Examples per optimiser step on each of `world` ranks.
+    pub fn rank_batch(&self, world: usize) -> Result<usize> {
+        if let Some(per_rank) = self.batch_size {
+            return Ok(per_rank);
+        }
+        let global = self.global_batch.unwrap_or(DEFAULT_GLOBAL_BATCH);
+        if !global.is_multiple_of(world) {
+            bail!(
+                "train.global_batch = {global} does not divide over {world} ranks: use a multiple of {world}"
+            );
+        }
+        Ok(global / world)
+    }
+
+    /// Examples per forward chunk for a rank batch of `rank_batch`.
+    pub fn chunk(&self, rank_batch: usize) -> usize {
+        self.micro_batch.map_or(rank_batch, |m| m.min(rank_batch))
+    }
+}
+
 impl Default for TrainingConfig {
     /// The reference scripts' defaults (METHOD.md).
     fn default() -> Self {
         Self {
             seed: 1234,
-            batch_size: 64,
+            global_batch: None,
+            batch_size: None,
+            micro_batch: None,
             max_steps: 0,
             epochs: 3,
             lr: 3e-5,
@@ -243,7 +279,18 @@ impl TrainConfig {
             bail!("loss.objective = \"mcse\" has no margins and no filter; use \"kdmcse\" for loss.margin_* / loss.filter");
         }
         // In-batch negatives need a second example.
-        in_range("train.batch_size", t.batch_size, 2..)?;
+        match (t.global_batch, t.batch_size) {
+            (Some(_), Some(_)) => bail!(
+                "set train.global_batch (examples per step over all ranks) or train.batch_size (per \
+                 process), not both"
+            ),
+            (Some(global), None) => in_range("train.global_batch", global, 2..)?,
+            (None, Some(per_rank)) => in_range("train.batch_size", per_rank, 2..)?,
+            (None, None) => {}
+        }
+        if let Some(micro) = t.micro_batch {
+            in_range("train.micro_batch", micro, 1..)?;
+        }
         in_range("train.grad_accum", t.grad_accum, 1..)?;
         if t.max_steps == 0 && t.epochs == 0 {
             bail!("set train.max_steps or train.epochs (both are 0)");

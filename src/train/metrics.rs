@@ -10,6 +10,8 @@ use serde::Serialize;
 use super::batches::BatchKind;
 use super::TrainConfig;
 use crate::checkpoint::is_remote;
+use crate::dist::Communicator;
+use crate::loss::{scalar, LossTerms};
 
 /// One step's numbers, as written to the metrics file.
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +44,40 @@ pub struct Phases {
 
 /// The loss side of one micro-step.
 #[derive(Debug, Clone)]
+/// The loss terms of one pool: each rank computed those of its own rows; these are the global
+/// loss's (the mean over ranks, summed in rank order so every rank holds the same numbers).
+pub struct PoolLoss {
+    pub total: f64,
+    pub text: f64,
+    pub grounding: Option<f64>,
+    pub masked_negatives: usize,
+}
+
+impl PoolLoss {
+    pub fn mean_over_ranks(comm: &dyn Communicator, terms: &LossTerms) -> Result<Self> {
+        let grounding = terms.grounding.as_ref().map(scalar).transpose()?;
+        let mine = [
+            scalar(&terms.total)?,
+            scalar(&terms.text)?,
+            grounding.unwrap_or(0.0),
+            terms.masked_negatives as f64,
+        ];
+        let mut sum = [0f64; 4];
+        for bytes in comm.all_gather_bytes(&mine.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>())? {
+            for (s, word) in sum.iter_mut().zip(bytes.chunks_exact(8)) {
+                *s += f64::from_le_bytes(word.try_into().expect("8 bytes"));
+            }
+        }
+        let world = comm.world_size() as f64;
+        Ok(Self {
+            total: sum[0] / world,
+            text: sum[1] / world,
+            grounding: grounding.map(|_| sum[2] / world),
+            masked_negatives: sum[3] as usize,
+        })
+    }
+}
+
 pub struct MicroMetrics {
     pub kind: BatchKind,
     pub loss: f64,

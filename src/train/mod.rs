@@ -20,19 +20,19 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::layout::{self, ENCODER_CONFIG, MODEL, OPTIMIZER, STATE};
 use crate::checkpoint::{Checkpoint, CheckpointStore, Pointer};
 use crate::data::Tokenizer;
-use crate::dist::{gather_with_local_grad, Communicator};
+use crate::dist::{self, Communicator};
 use crate::eval::{self, TaskData};
-use crate::loss::{Grounding, LossTerms};
+use crate::loss::Grounding;
 use crate::InputError;
 use batches::{BatchPlan, DataPosition, TwoViewBatch};
 pub use config::{Precision, TrainConfig};
-use metrics::{MetricsLog, MicroMetrics, Phases, StepMetrics};
+use metrics::{MetricsLog, MicroMetrics, Phases, PoolLoss, StepMetrics};
 use optim::{AdamW, AdamWConfig};
 use student::{Embeddings, Student};
 
@@ -173,7 +173,8 @@ impl<'c> Trainer<'c> {
             Tokenizer::from_dir(model_dir, cfg.model.max_len.min(encoder_config.max_tokens()), pad_id)?;
         let dropout =
             (encoder_config.hidden_dropout_prob as f32, encoder_config.attention_probs_dropout_prob as f32);
-        let plan = BatchPlan::new(&cfg, t.batch_size * comm.world_size(), tokenizer, dropout)?;
+        let plan =
+            BatchPlan::new(&cfg, t.rank_batch(comm.world_size())? * comm.world_size(), tokenizer, dropout)?;
         let dev = DevSet {
             data: eval::load_stsb_dev(&cfg.data.eval)?,
             tokenizer: Tokenizer::from_dir(model_dir, encoder_config.max_tokens(), pad_id)?,
@@ -303,6 +304,24 @@ impl<'c> Trainer<'c> {
                 checkpoint.name
             );
         }
+        // Ranks may change (the data order, masks and pool are global); the pool may not, which
+        // the same config gives on another number of ranks with `batch_size`.
+        let state: TrainerState = serde_json::from_slice(checkpoint.part(STATE)?)
+            .with_context(|| format!("checkpoint {}: unreadable {STATE}", checkpoint.name))?;
+        let their_config: Option<TrainConfig> = toml::Value::Table(theirs.clone()).try_into().ok();
+        if let Some(was) = their_config.and_then(|c| c.train.rank_batch(state.world_size).ok()) {
+            let (was, now) = (was * state.world_size, self.plan.global_batch());
+            if was != now {
+                bail!(
+                    "checkpoint {} was trained with a global batch of {was} ({} ranks), this run has {now} \
+                     ({} ranks): set train.global_batch = {was} to continue the same training, or pass \
+                     --allow-config-change to resume with the new pool",
+                    checkpoint.name,
+                    state.world_size,
+                    self.comm.world_size()
+                );
+            }
+        }
         Ok(())
     }
 
@@ -332,11 +351,12 @@ impl<'c> Trainer<'c> {
         let state: TrainerState = serde_json::from_slice(checkpoint.part(STATE)?)
             .with_context(|| format!("checkpoint {name}: unreadable {STATE}"))?;
         if state.world_size != self.comm.world_size() {
-            tracing::warn!(
+            tracing::info!(
                 saved = state.world_size,
                 now = self.comm.world_size(),
-                "resuming with another world size: the data continues from the same example of the \
-                 global order, in global batches of the new size"
+                global_batch = self.plan.global_batch(),
+                "resuming on another number of ranks: the data order, dropout masks and pool are global, \
+                 so the training continues as it would have"
             );
         }
         self.state = TrainerState { world_size: self.comm.world_size(), ..state };
@@ -364,56 +384,113 @@ impl<'c> Trainer<'c> {
         Ok(score)
     }
 
-    /// The objective over the global batch: this rank's embeddings, and the teacher features, are
-    /// gathered from every rank with gradient flowing into this rank's own rows (see
-    /// [`gather_with_local_grad`]); each rank computes the global loss.
-    fn objective(&self, local: &Embeddings, batch: &TwoViewBatch) -> Result<LossTerms> {
+    /// The objective over the pool from this rank's embeddings (values only): this rank's rows
+    /// (`z1`, `p1`, `p2`, its teacher features) against every rank's columns (`z2`, `v`, `t`,
+    /// the teacher features of the whole pool), so the teacher similarities, margins and the
+    /// noisy-negative filter cover the pool while each rank computes `B_local x pool` logits.
+    /// Returns the global loss's metrics (the mean over ranks) and the gradient of the global
+    /// loss, divided by `grad_accum`, with respect to each of this rank's embeddings.
+    fn pool_objective(&self, local: &Embeddings, batch: &TwoViewBatch) -> Result<(PoolLoss, Embeddings)> {
         let comm = self.comm;
-        let gather = |x: &Tensor| gather_with_local_grad(comm, x);
-        let (z1, z2) = (gather(&local.z1)?, gather(&local.z2)?);
-        let (Some(g), Some(teacher)) = (&local.grounding, &batch.teacher) else {
-            return Ok(self.cfg.loss.compute(&z1, &z2, None, 0)?);
+        let (rows, offset) = (batch.examples, comm.rank() * batch.examples);
+        let leaf = |x: &Tensor| -> Result<Var> { Ok(Var::from_tensor(x)?) };
+        let pool = |x: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&comm.all_gather(x)?)?) };
+        let (z1, z2) = (leaf(&local.z1)?, pool(&local.z2)?);
+        let mut row_vars = vec![z1.clone()];
+        let mut pool_vars = vec![z2.clone()];
+        let terms = match (&local.grounding, &batch.teacher) {
+            (Some(g), Some(teacher)) => {
+                let (p1, p2, v, t) = (leaf(&g.p1)?, leaf(&g.p2)?, pool(&g.v)?, pool(&g.t)?);
+                let img = comm.all_gather(&teacher.image)?;
+                let cap = comm.all_gather(&teacher.caption)?;
+                let grounding = Grounding {
+                    p1: p1.as_tensor(),
+                    p2: p2.as_tensor(),
+                    v: v.as_tensor(),
+                    t: t.as_tensor(),
+                    img_rows: &teacher.image,
+                    cap_rows: &teacher.caption,
+                    img_cols: &img,
+                    cap_cols: &cap,
+                };
+                let terms =
+                    self.cfg.loss.compute(z1.as_tensor(), z2.as_tensor(), Some(&grounding), offset)?;
+                row_vars.extend([p1, p2]);
+                pool_vars.extend([v, t]);
+                terms
+            }
+            _ => self.cfg.loss.compute(z1.as_tensor(), z2.as_tensor(), None, offset)?,
         };
-        let (p1, p2, v, t) = (gather(&g.p1)?, gather(&g.p2)?, gather(&g.v)?, gather(&g.t)?);
-        let img = comm.all_gather(&teacher.image)?;
-        let cap = comm.all_gather(&teacher.caption)?;
-        let grounding = Grounding {
-            p1: &p1,
-            p2: &p2,
-            v: &v,
-            t: &t,
-            img_rows: &img,
-            cap_rows: &cap,
-            img_cols: &img,
-            cap_cols: &cap,
-        };
-        Ok(self.cfg.loss.compute(&z1, &z2, Some(&grounding), 0)?)
+        // The global loss is the mean of the ranks' (equal-sized) row means.
+        let scale = 1.0 / (comm.world_size() * self.cfg.train.grad_accum) as f64;
+        let grads = (&terms.total * scale)?.backward()?;
+        let grad_of = |var: &Var| grads.get(var.as_tensor()).cloned().map_or_else(|| var.zeros_like(), Ok);
+        let pool_grads = pool_vars.iter().map(grad_of).collect::<candle_core::Result<Vec<_>>>()?;
+        let mut own = dist::own_rows_of_pool_grads(comm, &pool_grads, rows)?.into_iter();
+        let mut row_grads =
+            row_vars.iter().map(grad_of).collect::<candle_core::Result<Vec<_>>>()?.into_iter();
+        let mut next_row = || row_grads.next().expect("a row gradient");
+        let mut next_own = || own.next().expect("a column gradient");
+        // In the order of Embeddings: z1, z2, then p1, p2, v, t.
+        let mut ordered = vec![next_row(), next_own()];
+        if local.grounding.is_some() {
+            ordered.extend([next_row(), next_row(), next_own(), next_own()]);
+        }
+        Ok((PoolLoss::mean_over_ranks(comm, &terms)?, Embeddings::from_tensors(ordered)))
     }
 
-    /// Forward and backward of one micro-batch: plan -> student -> objective -> backward. Returns
-    /// its metrics and the gradients in the optimiser's parameter order (already divided by
-    /// `grad_accum`).
+    /// Forward and backward of one micro-batch (one pool): plan -> student (chunk by chunk,
+    /// values only, unless the rank's batch is one chunk) -> objective over the pool -> the
+    /// cached embedding gradients back-propagated through each chunk (re-run with its graph).
+    /// Returns its metrics and this rank's gradients in the optimiser's parameter order; they are
+    /// all-reduced once per optimiser step, never per chunk.
     fn micro_step(&mut self) -> Result<(MicroMetrics, Vec<Option<Tensor>>)> {
         let started = Instant::now();
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let batch = self.plan.next(&mut self.state.data, rank, world, &self.device)?;
-        let embeddings = self.student.forward(&batch)?;
-        let terms = self.objective(&embeddings, &batch)?;
+        let size = self.cfg.train.chunk(batch.examples);
+        let starts: Vec<usize> = (0..batch.examples).step_by(size).collect();
+        let chunk = |start: usize| batch.chunk(start, size.min(batch.examples - start));
+        let single = starts.len() == 1;
+        let mut kept_graph = None;
+        let mut values = Vec::with_capacity(starts.len());
+        for &start in &starts {
+            let embeddings = self.student.forward(&chunk(start)?)?;
+            values.push(embeddings.detach());
+            if single {
+                kept_graph = Some(embeddings);
+            }
+        }
+        let (loss, grads) = self.pool_objective(&Embeddings::cat(&values)?, &batch)?;
+        drop(values);
         let forward_s = self.phase_end(started)?;
         let backward_started = Instant::now();
-        let grads = (&terms.total / self.cfg.train.grad_accum as f64)?.backward()?;
+        let mut total: Option<Vec<Option<Tensor>>> = None;
+        for &start in &starts {
+            let embeddings = match kept_graph.take() {
+                Some(embeddings) => embeddings,
+                None => self.student.forward(&chunk(start)?)?,
+            };
+            let len = embeddings.z1.dim(0)?;
+            let param_grads = embeddings.surrogate(&grads.narrow(start, len)?)?.backward()?;
+            let param_grads =
+                self.optimizer.params().map(|(_, var)| param_grads.get(var.as_tensor()).cloned()).collect();
+            total = Some(match total {
+                None => param_grads,
+                Some(acc) => optim::add_grads(acc, param_grads)?,
+            });
+        }
         let backward_s = self.phase_end(backward_started)?;
-        let grads = self.optimizer.params().map(|(_, var)| grads.get(var.as_tensor()).cloned()).collect();
         let metrics = MicroMetrics {
             kind: batch.kind,
-            loss: crate::loss::scalar(&terms.total)?,
-            loss_text: crate::loss::scalar(&terms.text)?,
-            loss_grounding: terms.grounding.as_ref().map(crate::loss::scalar).transpose()?,
-            masked_negatives: terms.masked_negatives,
+            loss: loss.total,
+            loss_text: loss.text,
+            loss_grounding: loss.grounding,
+            masked_negatives: loss.masked_negatives,
             forward_s,
             backward_s,
         };
-        Ok((metrics, grads))
+        Ok((metrics, total.expect("a batch has a chunk")))
     }
 
     /// One optimiser step (all micro-batches, all-reduce, clip, AdamW).
@@ -454,8 +531,7 @@ impl<'c> Trainer<'c> {
         out.lr = lr;
         out.grad_norm = grad_norm;
         out.step_s = start.elapsed().as_secs_f64();
-        out.sentences_per_s =
-            (self.cfg.train.batch_size * accum * self.comm.world_size()) as f64 / out.step_s;
+        out.sentences_per_s = (self.plan.global_batch() * accum) as f64 / out.step_s;
         out.comm_s = (self.comm.time_in_collectives() - comm_before).as_secs_f64();
         Ok(out)
     }

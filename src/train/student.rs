@@ -38,6 +38,67 @@ pub struct GroundingEmbeddings {
     pub t: Tensor,
 }
 
+impl Embeddings {
+    /// Every tensor, in a fixed order (z1, z2, then p1, p2, v, t on paired batches).
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.z1, &self.z2];
+        if let Some(g) = &self.grounding {
+            out.extend([&g.p1, &g.p2, &g.v, &g.t]);
+        }
+        out
+    }
+
+    /// Embeddings made of `tensors` in the order of [`Embeddings::tensors`].
+    pub fn from_tensors(mut tensors: Vec<Tensor>) -> Self {
+        let grounding = (tensors.len() == 6).then(|| {
+            let t = tensors.pop().expect("6");
+            let v = tensors.pop().expect("5");
+            let p2 = tensors.pop().expect("4");
+            let p1 = tensors.pop().expect("3");
+            GroundingEmbeddings { p1, p2, v, t }
+        });
+        let z2 = tensors.pop().expect("2");
+        let z1 = tensors.pop().expect("1");
+        Self { z1, z2, grounding }
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
+        Ok(Self::from_tensors(self.tensors().into_iter().map(f).collect::<candle_core::Result<_>>()?))
+    }
+
+    /// The same values without a graph.
+    pub fn detach(&self) -> Self {
+        self.map(|t| Ok(t.detach())).expect("detach cannot fail")
+    }
+
+    /// Rows `start..start + len` of every tensor.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        self.map(|t| t.narrow(0, start, len))
+    }
+
+    /// The chunks' rows one after another.
+    pub fn cat(chunks: &[Embeddings]) -> Result<Self> {
+        let count = chunks[0].tensors().len();
+        let tensors = (0..count)
+            .map(|i| Tensor::cat(&chunks.iter().map(|c| c.tensors()[i]).collect::<Vec<_>>(), 0))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self::from_tensors(tensors))
+    }
+
+    /// `sum(e * g)` over every embedding `e` and its gradient `g` from `grads`: its gradient with
+    /// respect to `e` is exactly `g`, so its backward carries cached embedding gradients into the
+    /// student.
+    pub fn surrogate(&self, grads: &Embeddings) -> Result<Tensor> {
+        let terms = self
+            .tensors()
+            .into_iter()
+            .zip(grads.tensors())
+            .map(|(e, g)| e.mul(g)?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&terms, 0)?.sum_all()?)
+    }
+}
+
 pub struct Student {
     varmap: VarMap,
     pub encoder: BertModel,

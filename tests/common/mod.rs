@@ -53,6 +53,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// 0.15, cosine filter, a paired batch every 2nd step, no evaluation, a checkpoint every 2 steps,
 /// metrics in `DIR/metrics.jsonl`). Tests vary the rest with `--set`.
 pub fn quick_config(dir: &std::path::Path, output: &str, batch_size: usize, steps: usize) -> PathBuf {
+    write_quick_config(dir, output, &format!("batch_size = {batch_size}"), steps)
+}
+
+/// [`quick_config`] with a pool of `global_batch` over all ranks, embedded `micro_batch` examples
+/// at a time when given.
+pub fn pool_config(
+    dir: &std::path::Path,
+    global_batch: usize,
+    micro_batch: Option<usize>,
+    steps: usize,
+) -> PathBuf {
+    let mut keys = format!("global_batch = {global_batch}");
+    if let Some(micro) = micro_batch {
+        keys += &format!("\nmicro_batch = {micro}");
+    }
+    write_quick_config(dir, dir.join("out").to_str().unwrap(), &keys, steps)
+}
+
+fn write_quick_config(dir: &std::path::Path, output: &str, batch_keys: &str, steps: usize) -> PathBuf {
     let shared = shared_dir().join("data");
     let text = format!(
         r#"[model]
@@ -68,7 +87,7 @@ objective = "kdmcse"
 filter = "cosine"
 filter_threshold = 0.45
 [train]
-batch_size = {batch_size}
+{batch_keys}
 max_steps = {steps}
 eval_steps = 0
 device = "cpu"
