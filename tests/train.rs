@@ -310,3 +310,20 @@ fn gradient_accumulation_takes_several_micro_batches_per_step() {
     // Every step saw a paired micro-batch, whose grounding loss is the step's.
     assert!(records.iter().all(|r| r["loss_grounding"].as_f64().is_some_and(f64::is_finite)), "{records:?}");
 }
+
+/// Off a terminal (the test captures stderr) rank 0 logs progress lines: the first step, then
+/// every `output.log_every_s`, and the last step, with the ETA.
+#[test]
+fn progress_is_logged_off_a_terminal() {
+    let run = tempfile::tempdir().unwrap();
+    let config = common::quick_config(run.path(), run.path().join("out").to_str().unwrap(), 8, 3);
+    let out = train(&config, &["--set", "output.log_every_s=3600"]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains(" sentences/s, ")).collect();
+    assert_eq!(lines.len(), 2, "the first and the last step within the hour:\n{err}");
+    assert!(lines[0].contains("step 1/3 loss ") && lines[0].contains("eta "), "{}", lines[0]);
+    assert!(lines[1].contains("step 3/3 loss ") && lines[1].contains("eta 0s"), "{}", lines[1]);
+    let out = train(&config, &["--resume", "none", "--overwrite", "--set", "output.log_every_s=-1"]);
+    assert_fails_with(&out, &["output.log_every_s = -1"]);
+}

@@ -180,6 +180,9 @@ pub struct OutputConfig {
     /// Write checkpoints and export the best model; off only for throughput measurements.
     #[serde(default = "default_save")]
     pub save: bool,
+    /// Off a terminal, rank 0 logs a progress line this often (seconds; 0: every step).
+    #[serde(default = "default_log_every_s")]
+    pub log_every_s: f64,
 }
 
 fn default_pooling() -> Pooling {
@@ -193,6 +196,9 @@ fn default_max_len() -> usize {
 }
 fn default_checkpoint_steps() -> usize {
     100
+}
+fn default_log_every_s() -> f64 {
+    30.0
 }
 fn default_keep() -> usize {
     2
@@ -305,6 +311,7 @@ impl TrainConfig {
         if o.dir.trim().is_empty() {
             bail!("output.dir is empty: give a folder or a URL for checkpoints");
         }
+        non_negative("output.log_every_s", o.log_every_s)?;
         if let Some(metrics) = &o.metrics {
             path_given("output.metrics", metrics)?;
         }
@@ -315,13 +322,14 @@ impl TrainConfig {
 /// Keys a resumed run may change: they decide where and how often things are written and
 /// evaluated, not the weights a step computes (`model.path` may move; the architecture is checked
 /// on its own).
-pub const RESULT_NEUTRAL_KEYS: [&str; 8] = [
+pub const RESULT_NEUTRAL_KEYS: [&str; 9] = [
     "model.path",
     "output.dir",
     "output.keep",
     "output.checkpoint_steps",
     "output.metrics",
     "output.save",
+    "output.log_every_s",
     "train.eval_steps",
     "train.phase_timings",
 ];

@@ -3,6 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -155,17 +156,83 @@ impl MetricsLog {
     }
 }
 
-/// The training progress bar: on rank 0 writing to a terminal; hidden otherwise.
-pub fn progress_bar(total: u64, position: u64, rank: usize) -> indicatif::ProgressBar {
-    if rank != 0 || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
+/// Training progress on rank 0: a bar on a terminal; elsewhere (under `kdmcse-launch`, in a pod)
+/// one log line every `log_every_s` seconds and at the last step. Other ranks show nothing.
+pub enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines { every: Duration, last: Option<Instant>, started: Instant, start_step: u64, total: u64 },
+    Hidden,
+}
+
+impl Progress {
+    pub fn new(total: u64, position: u64, rank: usize, log_every_s: f64) -> Self {
+        if rank != 0 {
+            return Self::Hidden;
+        }
+        if !std::io::stderr().is_terminal() {
+            let every = Duration::from_secs_f64(log_every_s);
+            return Self::Lines { every, last: None, started: Instant::now(), start_step: position, total };
+        }
+        let bar = indicatif::ProgressBar::new(total).with_position(position);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "train {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}, {per_sec}]",
+            )
+            .expect("valid template"),
+        );
+        Self::Bar(bar)
     }
-    let bar = indicatif::ProgressBar::new(total).with_position(position);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "train {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}, {per_sec}]",
-        )
-        .expect("valid template"),
-    );
-    bar
+
+    /// After step `m`.
+    pub fn step(&mut self, m: &StepMetrics) {
+        match self {
+            Self::Bar(bar) => {
+                bar.set_position(m.step);
+                bar.set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
+            }
+            Self::Lines { every, last, started, start_step, total } => {
+                if m.step < *total && last.is_some_and(|at| at.elapsed() < *every) {
+                    return;
+                }
+                *last = Some(Instant::now());
+                let per_step = started.elapsed().as_secs_f64() / (m.step - *start_step).max(1) as f64;
+                let eta = per_step * total.saturating_sub(m.step) as f64;
+                tracing::info!(
+                    "step {}/{} loss {:.4} lr {:.2e} {:.1} sentences/s, {:.0}% in collectives, eta {}",
+                    m.step,
+                    total,
+                    m.loss,
+                    m.lr,
+                    m.sentences_per_s,
+                    100.0 * m.comm_s / m.step_s.max(f64::MIN_POSITIVE),
+                    human_duration(eta)
+                );
+            }
+            Self::Hidden => {}
+        }
+    }
+
+    /// Runs `f` with the bar out of the way of its output.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self {
+            Self::Bar(bar) => bar.suspend(f),
+            _ => f(),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Self::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// `1h02m`, `4m05s`, `12s`.
+fn human_duration(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
 }

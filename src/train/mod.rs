@@ -32,7 +32,7 @@ use crate::loss::Grounding;
 use crate::InputError;
 use batches::{BatchPlan, DataPosition, TwoViewBatch};
 pub use config::{Precision, TrainConfig};
-use metrics::{MetricsLog, MicroMetrics, Phases, PoolLoss, StepMetrics};
+use metrics::{MetricsLog, MicroMetrics, Phases, PoolLoss, Progress, StepMetrics};
 use optim::{AdamW, AdamWConfig};
 use student::{Embeddings, Student};
 
@@ -680,14 +680,13 @@ impl<'c> Trainer<'c> {
         let (rank, world_size) = (self.comm.rank(), self.comm.world_size());
         tracing::info!(rank, world_size, total_steps = total, start_step, "training");
         let initial_dev = self.evaluate_before_training()?;
-        let bar = metrics::progress_bar(total, start_step, rank);
+        let mut bar = Progress::new(total, start_step, rank, self.cfg.output.log_every_s);
         let started = Instant::now();
         let (mut final_dev, mut outcome) = (None, Outcome::Finished);
         while self.state.step < total {
             let m = self.step()?;
             self.metrics.write(&m)?;
-            bar.set_position(self.state.step);
-            bar.set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
+            bar.step(&m);
             let step = self.state.step;
             let done = step == total;
             let evaluated = self.evaluate_if_due(done)?;
@@ -709,7 +708,7 @@ impl<'c> Trainer<'c> {
                 break;
             }
         }
-        bar.finish_and_clear();
+        bar.finish();
         let seconds = started.elapsed().as_secs_f64();
         let steps = self.state.step - start_step;
         if rank == 0 && outcome == Outcome::Finished && self.cfg.output.save {
