@@ -1,7 +1,8 @@
 //! Export of a trained student as a folder that Hugging Face `AutoModel` and
 //! sentence-transformers load (and `kdmcse eval` reads): the encoder under its Hugging Face key
 //! names in `model.safetensors`, `config.json`, the tokenizer files, and the sentence-transformers
-//! modules (Transformer + the run's pooling, cosine similarity).
+//! modules (Transformer + the run's pooling, cosine similarity), the run's `config.toml` and a
+//! model card (`README.md`, see [`crate::model_card`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +14,8 @@ use candle_core::{Device, Tensor};
 use crate::checkpoint::layout::{self, ENCODER_CONFIG, ENCODER_PREFIX, MODEL, POOLER, TOKENIZER_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::model::{Config, Pooling};
+use crate::model_card::{model_card, CardFacts};
+use crate::train::{TrainConfig, TrainerState};
 
 /// sentence-transformers' pooling module of an export.
 const POOLING_CONFIG: &str = "1_Pooling/config.json";
@@ -63,7 +66,27 @@ pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> 
             "similarity_fn_name": "cosine"
         })),
     );
+    files.insert(layout::CONFIG.to_owned(), checkpoint.part(layout::CONFIG)?.clone());
+    files.insert("README.md".to_owned(), Bytes::from(card(checkpoint, pooling, config.hidden_size)?));
     Ok(files)
+}
+
+/// The model card of `checkpoint` (its config and trainer state).
+fn card(checkpoint: &Checkpoint, pooling: Pooling, dim: usize) -> Result<String> {
+    let name = &checkpoint.name;
+    let config_toml = String::from_utf8_lossy(checkpoint.part(layout::CONFIG)?).into_owned();
+    let cfg: TrainConfig = toml::from_str(&config_toml)
+        .with_context(|| format!("checkpoint {name}: unreadable {}", layout::CONFIG))?;
+    let state: TrainerState = serde_json::from_slice(checkpoint.part(layout::STATE)?)
+        .with_context(|| format!("checkpoint {name}: unreadable {}", layout::STATE))?;
+    let facts = CardFacts {
+        checkpoint: name,
+        step: state.step,
+        best: state.best_score.zip(state.best_step),
+        pooling,
+        dim,
+    };
+    Ok(model_card(&cfg, &config_toml, &facts))
 }
 
 fn pooling_config(dim: usize, pooling: Pooling) -> serde_json::Value {

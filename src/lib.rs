@@ -18,6 +18,7 @@ pub mod export;
 mod kernels;
 pub mod loss;
 pub mod model;
+pub mod model_card;
 pub mod ops;
 pub mod train;
 

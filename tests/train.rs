@@ -111,6 +111,34 @@ fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
     let pooling: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("1_Pooling/config.json")).unwrap()).unwrap();
     assert_eq!(pooling["pooling_mode_cls_token"], true);
+    // The run's config and a model card in sentence-transformers' shape come along.
+    let checkpoint = run.path().join("out/checkpoints/step-00000002");
+    assert_eq!(
+        std::fs::read(out.join("config.toml")).unwrap(),
+        std::fs::read(checkpoint.join("config.toml")).unwrap()
+    );
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let (front, body) =
+        card.strip_prefix("---\n").and_then(|c| c.split_once("\n---\n")).expect("front matter");
+    for line in [
+        "library_name: sentence-transformers",
+        "pipeline_tag: sentence-similarity",
+        "base_model: \"all-MiniLM-L6-v2\"",
+    ] {
+        assert!(front.lines().any(|l| l == line), "{line} in:\n{front}");
+    }
+    assert!(front.contains("- \"wiki_sample_10k.txt\"") && front.contains("- \"teacher\""), "{front}");
+    for needle in [
+        "Objective: kdmcse",
+        "filter: cosine, threshold 0.45",
+        "Steps: 2 (checkpoint `step-00000002`)",
+        "batch 8 per process",
+        "cls pooling",
+        "SentenceTransformer(",
+        "max_steps = 2",
+    ] {
+        assert!(body.contains(needle), "{needle} in:\n{body}");
+    }
     // The export's encoder is the checkpoint's, tensor for tensor, and kdmcse reads it...
     let trained = common::latest_weights(&run.path().join("out"));
     let encoder: Vec<_> =
