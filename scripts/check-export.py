@@ -36,6 +36,13 @@ def main() -> None:
         inp.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
         subprocess.run([kdmcse, "encode", "--model", str(export), "--input", str(inp), "--output", str(out)], check=True)
         ours = load_file(str(out))["embeddings"]
+    import json, sentence_transformers, torch, transformers
+    stated = json.loads((export / "config_sentence_transformers.json").read_text())["__version__"]
+    installed = {"sentence_transformers": sentence_transformers.__version__,
+                 "transformers": transformers.__version__, "pytorch": torch.__version__.split("+")[0]}
+    if stated != installed:
+        print(f"note: the export states {stated}, this check ran with {installed}: "
+              "update CHECKED_WITH in src/export.rs when it passes")
     diff = float(np.abs(ours - theirs).max())
     print(f"max |kdmcse - sentence-transformers| = {diff:.2e}")
     if diff > 1e-4:

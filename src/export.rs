@@ -17,6 +17,11 @@ use crate::model::{Config, Pooling};
 use crate::model_card::{model_card, CardFacts};
 use crate::train::{TrainConfig, TrainerState};
 
+/// The versions `scripts/check-export.py` last loaded an export with (it reports a mismatch with
+/// the ones installed): sentence-transformers records what a folder was saved with.
+const CHECKED_WITH: [(&str, &str); 3] =
+    [("sentence_transformers", "6.2.0"), ("transformers", "5.24.0"), ("pytorch", "2.15.0")];
+
 /// sentence-transformers' pooling module of an export.
 const POOLING_CONFIG: &str = "1_Pooling/config.json";
 
@@ -60,7 +65,10 @@ pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> 
         "config_sentence_transformers.json".to_owned(),
         json(serde_json::json!({
             "model_type": "SentenceTransformer",
-            "__version__": {"sentence_transformers": "5.1.0", "transformers": "4.56.0", "pytorch": "2.8.0"},
+            "__version__": CHECKED_WITH
+                .iter()
+                .map(|(package, version)| (package.to_string(), serde_json::Value::from(*version)))
+                .collect::<serde_json::Map<_, _>>(),
             "prompts": {},
             "default_prompt_name": null,
             "similarity_fn_name": "cosine"
