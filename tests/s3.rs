@@ -135,6 +135,36 @@ fn save_list_resume_retention_and_export_over_s3() {
     assert!(export.join("model.safetensors").is_file() && export.join("modules.json").is_file());
 }
 
+/// Without `output.metrics`, a run into a bucket keeps `metrics.jsonl` there (synced at every
+/// checkpoint and at the end), and a resumed run continues it.
+#[test]
+fn metrics_live_in_the_bucket_and_a_resume_continues_them() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("s3://{BUCKET}/runs/metrics");
+    let cfg = common::quick_config(dir.path(), &url, 8, 2);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text: String =
+        text.lines().filter(|l| !l.starts_with("metrics =")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&cfg, text).unwrap();
+    let run = |steps: &str| {
+        s3_env(&mut kdmcse(), server.port)
+            .args(["train", "--config", cfg.to_str().unwrap(), "--set", steps, "--allow-config-change"])
+            .output()
+            .unwrap()
+    };
+    let steps_in_bucket = || -> Vec<u64> {
+        let bytes = open_store(&url, server.port).get_file("metrics.jsonl").unwrap().expect("metrics.jsonl");
+        let file = dir.path().join("from-bucket.jsonl");
+        std::fs::write(&file, bytes).unwrap();
+        common::step_numbers(&file)
+    };
+    assert_ok(&run("train.max_steps=2"));
+    assert_eq!(steps_in_bucket(), [1, 2]);
+    assert_ok(&run("train.max_steps=4"));
+    assert_eq!(steps_in_bucket(), [1, 2, 3, 4], "the resumed run appends to the bucket's history");
+}
+
 #[test]
 fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_latest() {
     let reference = local_reference(6);

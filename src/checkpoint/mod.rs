@@ -277,6 +277,16 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Writes one plain file at `rel`.
+    pub fn put_file(&self, rel: &str, data: Bytes) -> Result<()> {
+        self.put(rel, data)
+    }
+
+    /// The plain file at `rel`, if there is one.
+    pub fn get_file(&self, rel: &str) -> Result<Option<Bytes>> {
+        self.get(rel)
+    }
+
     /// Points `pointer` at checkpoint `name`.
     pub fn set_pointer(&self, pointer: Pointer, name: &str) -> Result<()> {
         self.put(pointer.file(), Bytes::from(name.to_owned()))

@@ -49,9 +49,10 @@ impl TcpCommunicator {
             (0..world_size).map(|r| (r, format!("{generation}/tcp/{r}"))).collect();
         let addrs = store.wait_all("the collective addresses of every rank", &keys, timeout)?;
         let mut peers: Vec<Option<TcpStream>> = (0..world_size).map(|_| None).collect();
+        let deadline = Instant::now() + timeout;
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
             let addr = String::from_utf8_lossy(addr).into_owned();
-            let mut stream = TcpStream::connect(&addr)
+            let mut stream = connect_peer(store, &keys[peer].1, &addr, deadline)
                 .with_context(|| format!("collectives: cannot reach rank {peer} at {addr}"))?;
             stream.write_all(&(rank as u64).to_le_bytes())?;
             peers[peer] = Some(stream);
@@ -138,6 +139,26 @@ fn from_bytes(bytes: &[u8], dims: &[usize], dtype: DType, device: &Device) -> Re
     let data: Vec<f32> =
         bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
     Ok(Tensor::from_vec(data, dims, device)?.to_dtype(dtype)?)
+}
+
+/// Connects to a lower rank's published address. A refused connection can mean a stale address:
+/// a replacement joined the store of a group that is going away (its rank 0 no longer listens,
+/// the store still answers). Retry while that store lives; once it is gone this attempt fails, and
+/// the launcher's restart meets the new group instead of spending every restart on the old one.
+fn connect_peer(store: &mut StoreClient, key: &str, addr: &str, deadline: Instant) -> Result<TcpStream> {
+    const RETRY: Duration = Duration::from_millis(200);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(stream) => return Ok(stream),
+            Err(err) if Instant::now() + RETRY < deadline => {
+                store.check(key).with_context(|| {
+                    format!("{err}, and the rendezvous store went away: a group that was ending")
+                })?;
+                std::thread::sleep(RETRY);
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
 }
 
 impl Communicator for TcpCommunicator {

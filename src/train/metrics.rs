@@ -5,12 +5,12 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::batches::BatchKind;
 use super::TrainConfig;
-use crate::checkpoint::is_remote;
+use crate::checkpoint::{is_remote, CheckpointStore};
 use crate::dist::Communicator;
 use crate::loss::{scalar, LossTerms};
 
@@ -113,41 +113,71 @@ impl StepMetrics {
     }
 }
 
-/// The metrics file (rank 0 only; other ranks hold a closed log).
-pub struct MetricsLog(Option<std::fs::File>);
+/// The metrics file's name under `output.dir`.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// The metrics file (rank 0 only; other ranks hold a closed log). It is written locally; under a
+/// remote `output.dir` without `output.metrics` it is also synced to `<output.dir>/metrics.jsonl`
+/// at every checkpoint and at the end, and a resumed run continues the store's copy.
+pub struct MetricsLog {
+    file: Option<std::fs::File>,
+    path: PathBuf,
+    synced: bool,
+}
 
 impl MetricsLog {
-    /// `output.metrics`, else `<output.dir>/metrics.jsonl` for a local `output.dir`; appended to.
-    pub fn open(cfg: &TrainConfig, rank: usize) -> Result<Self> {
-        if rank != 0 {
-            return Ok(Self(None));
-        }
+    /// `output.metrics`, else `<output.dir>/metrics.jsonl` for a local `output.dir`, else a local
+    /// copy (in the temporary folder) of the remote one; appended to.
+    pub fn open(cfg: &TrainConfig, rank: usize, store: &CheckpointStore) -> Result<Self> {
+        let remote = is_remote(&cfg.output.dir);
         let path = match &cfg.output.metrics {
             Some(p) => p.clone(),
-            None if !is_remote(&cfg.output.dir) => PathBuf::from(&cfg.output.dir).join("metrics.jsonl"),
-            None => bail!("output.dir {} is not local: set output.metrics to a local file", cfg.output.dir),
+            None if !remote => PathBuf::from(&cfg.output.dir).join(METRICS_FILE),
+            None => {
+                let folder: String =
+                    store.url().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+                std::env::temp_dir().join("kdmcse-metrics").join(folder).join(METRICS_FILE)
+            }
         };
+        if rank != 0 {
+            return Ok(Self { file: None, path, synced: false });
+        }
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        if remote && cfg.output.metrics.is_none() {
+            // The local copy starts as the store's (a resumed run's history), else empty.
+            let history = store.get_file(METRICS_FILE)?.unwrap_or_default();
+            std::fs::write(&path, &history).with_context(|| format!("cannot write {}", path.display()))?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        Ok(Self(Some(file)))
+        Ok(Self { file: Some(file), path, synced: remote && cfg.output.metrics.is_none() })
     }
 
-    /// Empties the file (a fresh start over a deleted run).
-    pub fn clear(&mut self) -> Result<()> {
-        if let Some(file) = &mut self.0 {
-            file.set_len(0).context("cannot empty the metrics file")?;
+    /// Copies the file to the run's store when `output.dir` is remote.
+    pub fn sync(&self, store: &CheckpointStore) -> Result<()> {
+        if self.file.is_some() && self.synced {
+            let data =
+                std::fs::read(&self.path).with_context(|| format!("cannot read {}", self.path.display()))?;
+            store.put_file(METRICS_FILE, data.into())?;
         }
         Ok(())
     }
 
+    /// Empties the file (a fresh start over a deleted run).
+    pub fn clear(&mut self, store: &CheckpointStore) -> Result<()> {
+        if let Some(file) = &mut self.file {
+            file.set_len(0).context("cannot empty the metrics file")?;
+        }
+        self.sync(store)
+    }
+
     pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
-        if let Some(file) = &mut self.0 {
+        if let Some(file) = &mut self.file {
             serde_json::to_writer(&mut *file, record)?;
             file.write_all(b"\n")?;
             file.flush()?;

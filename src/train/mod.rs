@@ -205,7 +205,7 @@ impl<'c> Trainer<'c> {
         }
         let store = CheckpointStore::open(&cfg.output.dir)?;
         let static_parts = layout::static_parts(model_dir, &encoder_config)?;
-        let metrics = MetricsLog::open(&cfg, comm.rank())?;
+        let metrics = MetricsLog::open(&cfg, comm.rank(), &store)?;
         let state = TrainerState {
             step: 0,
             data: DataPosition::default(),
@@ -254,7 +254,7 @@ impl<'c> Trainer<'c> {
                 if trainer.comm.rank() == 0 {
                     tracing::warn!(dir = %trainer.store.url(), checkpoints = existing.len(), "--overwrite: deleting the folder's run");
                     trainer.store.clear()?;
-                    trainer.metrics.clear()?;
+                    trainer.metrics.clear(&trainer.store)?;
                 }
                 trainer.comm.barrier()?;
             }
@@ -601,6 +601,7 @@ impl<'c> Trainer<'c> {
                 self.store.set_pointer(Pointer::Best, &saved)?;
             }
             let deleted = self.store.retain(self.cfg.output.keep)?;
+            self.metrics.sync(&self.store)?;
             tracing::info!(checkpoint = %saved, deleted = deleted.len(), "checkpoint saved");
             crate::events::emit(
                 "checkpoint_saved",
@@ -714,6 +715,7 @@ impl<'c> Trainer<'c> {
         if rank == 0 && outcome == Outcome::Finished && self.cfg.output.save {
             self.export_best()?;
         }
+        self.metrics.sync(&self.store)?;
         Ok(Summary {
             outcome,
             steps: self.state.step,
