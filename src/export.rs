@@ -85,8 +85,7 @@ fn card(checkpoint: &Checkpoint, pooling: Pooling, dim: usize) -> Result<String>
     let config_toml = String::from_utf8_lossy(checkpoint.part(layout::CONFIG)?).into_owned();
     let cfg: TrainConfig = toml::from_str(&config_toml)
         .with_context(|| format!("checkpoint {name}: unreadable {}", layout::CONFIG))?;
-    let state: TrainerState = serde_json::from_slice(checkpoint.part(layout::STATE)?)
-        .with_context(|| format!("checkpoint {name}: unreadable {}", layout::STATE))?;
+    let state = TrainerState::of(checkpoint)?;
     let facts = CardFacts {
         checkpoint: name,
         step: state.step,

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use crate::model::Pooling;
+use crate::train::config::DEFAULT_GLOBAL_BATCH;
 use crate::train::TrainConfig;
 
 /// What a card states about its checkpoint besides the config.
@@ -95,7 +96,7 @@ pub fn model_card(cfg: &TrainConfig, config_toml: &str, facts: &CardFacts) -> St
     let t = &cfg.train;
     let batch = match (t.global_batch, t.batch_size) {
         (_, Some(per_rank)) => format!("{per_rank} per process"),
-        (global, None) => format!("{} over all workers", global.unwrap_or(64)),
+        (global, None) => format!("{} over all workers", global.unwrap_or(DEFAULT_GLOBAL_BATCH)),
     };
     let _ = writeln!(
         w,

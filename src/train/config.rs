@@ -114,7 +114,7 @@ impl Precision {
 }
 
 /// The global batch when a config sets neither `global_batch` nor `batch_size` (the reference's).
-const DEFAULT_GLOBAL_BATCH: usize = 64;
+pub const DEFAULT_GLOBAL_BATCH: usize = 64;
 
 impl TrainingConfig {
     /// Examples per optimiser step on each of `world` ranks.

@@ -43,8 +43,6 @@ pub struct Phases {
     pub update_s: f64,
 }
 
-/// The loss side of one micro-step.
-#[derive(Debug, Clone)]
 /// The loss terms of one pool: each rank computed those of its own rows; these are the global
 /// loss's (the mean over ranks, summed in rank order so every rank holds the same numbers).
 pub struct PoolLoss {
@@ -79,6 +77,8 @@ impl PoolLoss {
     }
 }
 
+/// The loss side of one micro-step.
+#[derive(Debug, Clone)]
 pub struct MicroMetrics {
     pub kind: BatchKind,
     pub loss: f64,
@@ -130,6 +130,8 @@ impl MetricsLog {
     /// copy (in the temporary folder) of the remote one; appended to.
     pub fn open(cfg: &TrainConfig, rank: usize, store: &CheckpointStore) -> Result<Self> {
         let remote = is_remote(&cfg.output.dir);
+        // Under a remote folder without a named local file, the local file is a copy of the store's.
+        let synced = remote && cfg.output.metrics.is_none();
         let path = match &cfg.output.metrics {
             Some(p) => p.clone(),
             None if !remote => PathBuf::from(&cfg.output.dir).join(METRICS_FILE),
@@ -145,7 +147,7 @@ impl MetricsLog {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         }
-        if remote && cfg.output.metrics.is_none() {
+        if synced {
             // The local copy starts as the store's (a resumed run's history), else empty.
             let history = store.get_file(METRICS_FILE)?.unwrap_or_default();
             std::fs::write(&path, &history).with_context(|| format!("cannot write {}", path.display()))?;
@@ -155,7 +157,7 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        Ok(Self { file: Some(file), path, synced: remote && cfg.output.metrics.is_none() })
+        Ok(Self { file: Some(file), path, synced })
     }
 
     /// Copies the file to the run's store when `output.dir` is remote.

@@ -85,6 +85,14 @@ pub struct TrainerState {
     pub world_size: usize,
 }
 
+impl TrainerState {
+    /// The state `checkpoint` was written with.
+    pub fn of(checkpoint: &Checkpoint) -> Result<Self> {
+        serde_json::from_slice(checkpoint.part(STATE)?)
+            .with_context(|| format!("checkpoint {}: unreadable {STATE}", checkpoint.name))
+    }
+}
+
 /// Set by SIGINT/SIGTERM (see [`install_stop_handler`]): finish the step, checkpoint, stop.
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -306,8 +314,7 @@ impl<'c> Trainer<'c> {
         }
         // Ranks may change (the data order, masks and pool are global); the pool may not, which
         // the same config gives on another number of ranks with `batch_size`.
-        let state: TrainerState = serde_json::from_slice(checkpoint.part(STATE)?)
-            .with_context(|| format!("checkpoint {}: unreadable {STATE}", checkpoint.name))?;
+        let state = TrainerState::of(checkpoint)?;
         let their_config: Option<TrainConfig> = toml::Value::Table(theirs.clone()).try_into().ok();
         if let Some(was) = their_config.and_then(|c| c.train.rank_batch(state.world_size).ok()) {
             let (was, now) = (was * state.world_size, self.plan.global_batch());
@@ -348,8 +355,7 @@ impl<'c> Trainer<'c> {
         self.student.restore(&weights, &format!("checkpoint {name}"))?;
         let optimizer = candle_core::safetensors::load_buffer(checkpoint.part(OPTIMIZER)?, &self.device)?;
         self.optimizer.load_state(&optimizer).with_context(|| format!("checkpoint {name}"))?;
-        let state: TrainerState = serde_json::from_slice(checkpoint.part(STATE)?)
-            .with_context(|| format!("checkpoint {name}: unreadable {STATE}"))?;
+        let state = TrainerState::of(checkpoint)?;
         if state.world_size != self.comm.world_size() {
             tracing::info!(
                 saved = state.world_size,
@@ -426,16 +432,11 @@ impl<'c> Trainer<'c> {
         let grads = (&terms.total * scale)?.backward()?;
         let grad_of = |var: &Var| grads.get(var.as_tensor()).cloned().map_or_else(|| var.zeros_like(), Ok);
         let pool_grads = pool_vars.iter().map(grad_of).collect::<candle_core::Result<Vec<_>>>()?;
-        let mut own = dist::own_rows_of_pool_grads(comm, &pool_grads, rows)?.into_iter();
-        let mut row_grads =
-            row_vars.iter().map(grad_of).collect::<candle_core::Result<Vec<_>>>()?.into_iter();
-        let mut next_row = || row_grads.next().expect("a row gradient");
-        let mut next_own = || own.next().expect("a column gradient");
+        let own = dist::own_rows_of_pool_grads(comm, &pool_grads, rows)?;
+        let row_grads = row_vars.iter().map(grad_of).collect::<candle_core::Result<Vec<_>>>()?;
         // In the order of Embeddings: z1, z2, then p1, p2, v, t.
-        let mut ordered = vec![next_row(), next_own()];
-        if local.grounding.is_some() {
-            ordered.extend([next_row(), next_row(), next_own(), next_own()]);
-        }
+        let mut ordered = vec![row_grads[0].clone(), own[0].clone()];
+        ordered.extend(row_grads[1..].iter().chain(&own[1..]).cloned());
         Ok((PoolLoss::mean_over_ranks(comm, &terms)?, Embeddings::from_tensors(ordered)))
     }
 
