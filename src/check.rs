@@ -71,6 +71,31 @@ fn tensor(values: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> 
     Ok(Tensor::from_vec(values, shape, device)?)
 }
 
+/// Aborts the collectives as the watchdog does when a peer is lost (closing the TCP mesh,
+/// `ncclCommAbort` on NCCL), then checks that a collective fails at once with the abort's verdict
+/// instead of running or hanging. It leaves the group unusable: run it last.
+pub fn abort(
+    comm: &dyn Communicator,
+    abort: &dist::watchdog::Abort,
+    device: &Device,
+    report: Report,
+) -> Result<()> {
+    let verdict = "kdmcse check: a deliberate abort";
+    abort.abort(verdict.into());
+    let started = std::time::Instant::now();
+    let result = comm.all_reduce_sum(&Tensor::ones(4, DType::F32, device)?);
+    let seconds = started.elapsed().as_secs_f64();
+    let (passed, detail) = match result {
+        Ok(_) => (false, "a collective still ran after the abort".to_owned()),
+        Err(err) => {
+            let err = format!("{err:#}");
+            (err.contains(verdict) && seconds < 5.0, format!("refused in {seconds:.3} s: {err}"))
+        }
+    };
+    report(Check { name: "abort".into(), passed, detail });
+    Ok(())
+}
+
 /// Every collective of [`Communicator`] and the trainer's helpers on top of them, on tensors of
 /// `device`, each compared exactly with what this rank must receive (small integers, exact in
 /// f32 and bf16).

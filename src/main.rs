@@ -285,7 +285,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let device = config.train.device.device()?;
     // Until training starts a signal just ends the process (nothing to save; a worker waiting in
     // rendezvous must not hold its launcher for the grace period).
-    let group = kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded)?;
+    let group = kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded, config.dist.liveness())?;
     // Loading the model, corpora and dev set reads only what the config names.
     let mut trainer = Trainer::new(config, group.comm.as_ref(), device).map_err(InputError::wrap)?;
     let start = Start {
@@ -293,14 +293,29 @@ fn run_train(args: TrainArgs) -> Result<()> {
         overwrite: args.overwrite,
         allow_config_change: args.allow_config_change,
     };
-    trainer.resume(&start)?;
-    kdmcse::train::install_stop_handler()?;
-    let summary = trainer.train(args.stop_after)?;
+    let trained = trainer.resume(&start).and_then(|_| {
+        kdmcse::train::install_stop_handler()?;
+        trainer.train(args.stop_after)
+    });
+    let summary = match trained {
+        Ok(summary) => summary,
+        Err(err) => {
+            // A collective the watchdog aborted may fail with a device error that does not say why.
+            let err = match group.abort.verdict() {
+                Some(verdict) if !format!("{err:#}").contains(verdict) => err.context(verdict.to_owned()),
+                _ => err,
+            };
+            trainer.write_diagnostics(group.round, &err);
+            return Err(err);
+        }
+    };
     tracing::info!(?summary, "done");
     if group.comm.rank() == 0 {
         kdmcse::events::emit("summary", serde_json::to_value(&summary)?);
     }
     if summary.outcome == Outcome::Interrupted {
+        drop(trainer);
+        drop(group); // its watchdog's last heartbeat says this rank is done
         std::process::exit(143); // stopped by a signal, checkpoint written: not finished
     }
     Ok(())
@@ -321,16 +336,19 @@ fn run_check(args: CheckArgs) -> Result<()> {
             failed.push(check.name);
         }
     };
-    let nccl_group =
-        if device.is_cuda() { Some(kdmcse::dist::init_from_env(&device, Nccl::Always)) } else { None };
+    let nccl_group = if device.is_cuda() {
+        Some(kdmcse::dist::init_from_env(&device, Nccl::Always, Default::default()))
+    } else {
+        None
+    };
     let group = match nccl_group {
         Some(Ok(group)) => group,
         Some(Err(err)) => {
             report(kdmcse::check::Check::failed("nccl_init", &err), 0);
             // The other checks still run, over the TCP mesh.
-            kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded)?
+            kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded, Default::default())?
         }
-        None => kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded)?,
+        None => kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded, Default::default())?,
     };
     let rank = group.comm.rank();
     let mut stage = |name: &str, run: &mut dyn FnMut(kdmcse::check::Report) -> Result<()>| {
@@ -347,6 +365,7 @@ fn run_check(args: CheckArgs) -> Result<()> {
             stage(&name, &mut |r| kdmcse::check::encoder(model, &device, dtype, r));
         }
     }
+    stage("abort", &mut |r| kdmcse::check::abort(group.comm.as_ref(), &group.abort, &device, r));
     if !failed.is_empty() {
         bail!("rank {rank}: {} of {total} checks failed: {}", failed.len(), failed.join(", "));
     }

@@ -1,14 +1,17 @@
 //! Data-parallel training through `kdmcse-launch` with real worker processes on loopback:
 //! 2 ranks x B equal 1 rank x 2B (losses and weights), two single-worker "nodes" equal
 //! `--nproc 2`, a killed worker is restarted and the run ends where an uninterrupted one does,
-//! rendezvous failures name the missing rank, and `kdmcse check`'s collective checks pass on 2
-//! ranks and on a launched world of one (the checks scripts/device-check.sh runs over NCCL).
+//! a stopped worker is found by its missing heartbeat and a vanished node is replaced, with both
+//! nodes restarting in the next round, rendezvous failures name the missing node or rank,
+//! `--standalone` jobs run side by side, and `kdmcse check`'s collective checks pass on 2 ranks and
+//! on a launched world of one (the checks scripts/device-check.sh runs over NCCL).
 
 mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -34,8 +37,7 @@ fn two_ranks_train_the_model_of_one_rank_with_twice_the_batch() {
     assert_ok(&out);
 
     let cfg = write_config(double.path(), 8, STEPS);
-    let port = free_port().to_string();
-    let out = launcher(&["--nproc", "2", "--master-port", &port, "--", "--config", cfg.to_str().unwrap()])
+    let out = launcher(&["--nproc", "2", "--standalone", "--", "--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();
     assert_ok(&out);
@@ -100,29 +102,17 @@ fn a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted() {
     let (straight, faulty) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let steps = 10;
     let cfg = write_config(straight.path(), 8, steps);
-    let port = free_port().to_string();
     assert_ok(
-        &launcher(&["--nproc", "2", "--master-port", &port, "--config", cfg.to_str().unwrap()])
-            .output()
-            .unwrap(),
+        &launcher(&["--nproc", "2", "--standalone", "--config", cfg.to_str().unwrap()]).output().unwrap(),
     );
 
     let cfg = write_config(faulty.path(), 8, steps);
-    let port = free_port().to_string();
-    let mut child: Child = launcher(&[
-        "--nproc",
-        "2",
-        "--max-restarts",
-        "1",
-        "--master-port",
-        &port,
-        "--config",
-        cfg.to_str().unwrap(),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut child: Child =
+        launcher(&["--nproc", "2", "--max-restarts", "1", "--standalone", "--config", cfg.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
     let stderr = child.stderr.take().unwrap();
     let log =
         std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
@@ -138,7 +128,7 @@ fn a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted() {
     let status = child.wait().unwrap();
     let log = log.join().unwrap();
     assert!(status.success(), "launcher failed after the restart:\n{}", log.join("\n"));
-    assert!(log.iter().any(|l| l.contains("restarting the group")), "{}", log.join("\n"));
+    assert!(log.iter().any(|l| l.contains("restarting in round 1")), "{}", log.join("\n"));
     // Rank 0 fails too (its peer is gone), but the launcher names the rank that failed first.
     assert!(log.iter().any(|l| l.contains("rank 1 failed with signal 9")), "{}", log.join("\n"));
     assert_eq!(resumed.len(), 2, "both ranks of the restarted group resume: {resumed:?}");
@@ -181,7 +171,10 @@ fn rendezvous_failures_name_the_missing_rank_and_leave_no_process() {
     .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("rank(s) [1] never arrived"), "{err}");
+    assert!(
+        err.contains("rendezvous of round 0 timed out") && err.contains("node(s) [1] never joined"),
+        "{err}"
+    );
     assert!(start.elapsed() < Duration::from_secs(60));
     assert_eq!(processes_mentioning(cfg.to_str().unwrap()), 0, "a worker outlived its launcher");
 
@@ -241,9 +234,14 @@ fn collective_checks_pass_on_two_ranks_and_on_a_launched_world_of_one() {
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap())
                 .partition(|v: &serde_json::Value| v.get("event").is_some());
-            for name in
-                ["all_gather", "all_reduce_sum", "all_reduce_grads", "own_rows_of_pool_grads", "barrier"]
-            {
+            for name in [
+                "all_gather",
+                "all_reduce_sum",
+                "all_reduce_grads",
+                "own_rows_of_pool_grads",
+                "barrier",
+                "abort",
+            ] {
                 assert!(
                     checks.iter().any(|c| c["name"] == name && c["passed"] == true),
                     "{name} on rank {rank}: {stdout}"
@@ -272,17 +270,12 @@ fn sigterm_to_the_launcher_stops_every_rank_at_one_step_and_the_resume_is_exact(
     let (straight, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let steps = 8;
     let cfg = write_config(straight.path(), 8, steps);
-    let port = free_port().to_string();
     assert_ok(
-        &launcher(&["--nproc", "2", "--master-port", &port, "--config", cfg.to_str().unwrap()])
-            .output()
-            .unwrap(),
+        &launcher(&["--nproc", "2", "--standalone", "--config", cfg.to_str().unwrap()]).output().unwrap(),
     );
 
     let cfg = write_config(stopped.path(), 8, steps);
-    let port = free_port().to_string();
-    let args =
-        ["--nproc", "2", "--master-port", &port, "--stop-timeout-s", "30", "--config", cfg.to_str().unwrap()];
+    let args = ["--nproc", "2", "--standalone", "--stop-timeout-s", "30", "--config", cfg.to_str().unwrap()];
     let mut child = launcher(&args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok);
     wait_for_event(&mut lines, "the step-2 checkpoint", |e| {
@@ -315,9 +308,170 @@ fn sigterm_to_the_launcher_stops_every_rank_at_one_step_and_the_resume_is_exact(
 fn two_ranks_keep_and_export_the_best_checkpoint() {
     let run = tempfile::tempdir().unwrap();
     let cfg = write_config(run.path(), 4, 6);
-    let port = free_port().to_string();
-    let args = ["--nproc", "2", "--master-port", &port, "--", "--config", cfg.to_str().unwrap()];
+    let args = ["--nproc", "2", "--standalone", "--", "--config", cfg.to_str().unwrap()];
     let sets = ["--set", "train.eval_steps=2", "--set", "output.keep=1", "--set", "train.lr=5e-4"];
     assert_ok(&launcher(&args).args(sets).output().unwrap());
     common::assert_best_is_kept_and_exported(run.path(), &run.path().join("out"), 6);
+}
+
+/// One line of a node's output (its launcher's and its workers'), when it came.
+struct Line {
+    node: usize,
+    at: Instant,
+    text: String,
+}
+
+/// Node `node` of a two-node job (one worker each) on loopback; its output goes to `lines`
+/// labelled `label`. Heartbeats every second, a peer lost after 5 s.
+fn start_node(node: usize, label: usize, port: &str, cfg: &Path, lines: &mpsc::Sender<Line>) -> Child {
+    let node = node.to_string();
+    let mut child = launcher(&["--nproc", "1", "--nnodes", "2", "--node-rank", &node, "--master-port", port])
+        .args(["--max-restarts", "2", "--stop-timeout-s", "10", "--config", cfg.to_str().unwrap(), "--"])
+        .args(["--set", "dist.heartbeat_s=1", "--set", "dist.peer_timeout_s=5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let forward = |stream: Box<dyn std::io::Read + Send>| {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for text in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = lines.send(Line { node: label, at: Instant::now(), text });
+            }
+        });
+    };
+    forward(Box::new(child.stdout.take().unwrap()));
+    forward(Box::new(child.stderr.take().unwrap()));
+    child
+}
+
+/// Waits for an event on `lines` that `pred` accepts, keeping every line in `seen`.
+fn wait_for_line_event(
+    lines: &mpsc::Receiver<Line>,
+    seen: &mut Vec<Line>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    loop {
+        let line = lines.recv_timeout(Duration::from_secs(300)).expect("the run went quiet");
+        let found = event(&line.text).filter(|e| pred(e));
+        seen.push(line);
+        if let Some(e) = found {
+            return e;
+        }
+    }
+}
+
+fn wait_ok(child: &mut Child) {
+    let status = child.wait().unwrap();
+    assert!(status.success(), "a launcher failed: {status:?}");
+}
+
+/// The first of `seen` from `node` whose text has every one of `needles`, and when it came.
+fn first_line<'a>(seen: &'a [Line], node: usize, needles: &[&str]) -> Option<&'a Line> {
+    seen.iter().find(|l| l.node == node && needles.iter().all(|n| l.text.contains(n)))
+}
+
+fn dump(seen: &[Line]) -> String {
+    seen.iter().map(|l| format!("node {}: {}", l.node, l.text)).collect::<Vec<_>>().join("\n")
+}
+
+/// Two nodes, one worker each. SIGSTOP node 1's worker mid-run: rank 0's watchdog declares it
+/// lost within `peer_timeout_s + 10` s, every launcher names it, both nodes restart in round 1
+/// (node 1's launcher stops its own frozen worker), rank 0 leaves a flight record, and the run
+/// ends bitwise where an uninterrupted one does. Then kill -9 node 1's launcher and worker and
+/// start a replacement launcher: both nodes continue in the next round and end there too.
+#[test]
+fn a_frozen_or_vanished_node_ends_the_round_everywhere_and_the_run_ends_as_if_uninterrupted() {
+    let (straight, frozen, vanished) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 10;
+    let cfg = write_config(straight.path(), 8, steps);
+    assert_ok(
+        &launcher(&["--nproc", "2", "--standalone", "--config", cfg.to_str().unwrap()]).output().unwrap(),
+    );
+    let expected = final_weights(straight.path());
+    let is_checkpoint_4 = |e: &serde_json::Value| e["event"] == "checkpoint_saved" && e["step"] == 4;
+    let is_rank_1 = |e: &serde_json::Value| e["event"] == "joined" && e["rank"] == 1;
+
+    // SIGSTOP.
+    let cfg = write_config(frozen.path(), 8, steps);
+    let port = free_port().to_string();
+    let (tx, rx) = mpsc::channel();
+    let mut nodes = [start_node(0, 0, &port, &cfg, &tx), start_node(1, 1, &port, &cfg, &tx)];
+    drop(tx);
+    let mut seen = Vec::new();
+    let worker = wait_for_line_event(&rx, &mut seen, is_rank_1)["pid"].as_i64().unwrap() as i32;
+    wait_for_line_event(&rx, &mut seen, is_checkpoint_4);
+    kill(worker, 19);
+    let stopped = Instant::now();
+    nodes.iter_mut().for_each(wait_ok);
+    seen.extend(rx.iter());
+    let log = dump(&seen);
+    for (node, who) in [(0, "[rank 0]"), (0, "[launcher]"), (1, "[launcher]")] {
+        let line = first_line(&seen, node, &[who, "rank 1 was lost: no heartbeat for"])
+            .unwrap_or_else(|| panic!("node {node}'s {who} does not name the stopped rank:\n{log}"));
+        let after = line.at.duration_since(stopped);
+        assert!(after < Duration::from_secs(15), "node {node}'s {who} took {after:?}:\n{log}");
+        assert!(after > Duration::from_secs(4), "node {node}'s {who} reported after {after:?}: too soon");
+    }
+    for node in [0, 1] {
+        assert!(first_line(&seen, node, &["[launcher]", "round 1: starting"]).is_some(), "{log}");
+    }
+    let record =
+        std::fs::read(frozen.path().join("out/diagnostics/round-0/rank-0.json")).expect("a flight record");
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    assert!(record["error"].as_str().unwrap().contains("rank 1 was lost"), "{record}");
+    let last = record["collectives"].as_array().unwrap().last().unwrap().clone();
+    assert!(last["error"].as_str().is_some_and(|e| e.contains("aborted")), "{record}");
+    assert_eq!(common::max_weight_diff(&expected, &final_weights(frozen.path())), 0.0);
+
+    // kill -9 of node 1's launcher and worker, then a replacement launcher for node 1.
+    let cfg = write_config(vanished.path(), 8, steps);
+    let port = free_port().to_string();
+    let (tx, rx) = mpsc::channel();
+    let [mut zero, mut one] = [start_node(0, 0, &port, &cfg, &tx), start_node(1, 1, &port, &cfg, &tx)];
+    let mut seen = Vec::new();
+    let worker = wait_for_line_event(&rx, &mut seen, is_rank_1)["pid"].as_i64().unwrap() as i32;
+    wait_for_line_event(&rx, &mut seen, is_checkpoint_4);
+    kill(worker, 9);
+    kill(one.id() as i32, 9);
+    let _ = one.wait();
+    let mut replacement = start_node(1, 2, &port, &cfg, &tx);
+    drop(tx);
+    wait_ok(&mut zero);
+    wait_ok(&mut replacement);
+    seen.extend(rx.iter());
+    let log = dump(&seen);
+    assert!(first_line(&seen, 0, &["[launcher]", "round 1: starting"]).is_some(), "{log}");
+    assert!(first_line(&seen, 2, &["[launcher]", "round 1: starting"]).is_some(), "{log}");
+    assert_eq!(common::max_weight_diff(&expected, &final_weights(vanished.path())), 0.0);
+}
+
+/// `--standalone` jobs on one host each get a store port of their own.
+#[test]
+fn standalone_jobs_run_side_by_side() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let jobs: Vec<Child> = dirs
+        .iter()
+        .map(|dir| {
+            let cfg = write_config(dir.path(), 4, 3);
+            launcher(&["--nproc", "2", "--standalone", "--config", cfg.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for job in jobs {
+        let out = job.wait_with_output().unwrap();
+        assert_ok(&out);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let port = err.split("rendezvous store at 127.0.0.1:").nth(1).expect("the store's port is logged");
+        ports.push(port.split_whitespace().next().unwrap().to_owned());
+    }
+    assert_ne!(ports[0], ports[1]);
+    for dir in &dirs {
+        assert_eq!(common::step_losses(dir.path()).len(), 3);
+    }
 }

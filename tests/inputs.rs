@@ -332,12 +332,7 @@ fn the_launcher_checks_its_gpus_before_starting_anyone() {
     for (visible, needle) in
         [(Some("0"), "CUDA_VISIBLE_DEVICES=\"0\" lists 1"), (None, "--gpus 8 asks for 8 GPUs")]
     {
-        let mut cmd = launcher(&[
-            "--gpus",
-            if visible.is_some() { "2" } else { "8" },
-            "--master-port",
-            &free_port().to_string(),
-        ]);
+        let mut cmd = launcher(&["--gpus", if visible.is_some() { "2" } else { "8" }, "--standalone"]);
         cmd.args(["--config", config.to_str().unwrap()]);
         match visible {
             Some(v) => cmd.env("CUDA_VISIBLE_DEVICES", v),
@@ -369,8 +364,7 @@ fn a_config_error_is_exit_2_and_never_restarted() {
     let out = train(&config, &["--set", "loss.temp=0"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     let started = Instant::now();
-    let port = free_port().to_string();
-    let out = launcher(&["--nproc", "2", "--max-restarts", "3", "--master-port", &port, "--"])
+    let out = launcher(&["--nproc", "2", "--max-restarts", "3", "--standalone", "--"])
         .args(["--config", config.to_str().unwrap(), "--set", "loss.temp=0"])
         .output()
         .unwrap();

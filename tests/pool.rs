@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::process::{assert_fails_with, assert_ok, free_port, launcher, train};
+use common::process::{assert_fails_with, assert_ok, launcher, train};
 
 const STEPS: usize = 5;
 const GLOBAL: usize = 32;
@@ -20,8 +20,7 @@ fn one_rank(dir: &Path, micro: Option<usize>, extra: &[&str]) -> Output {
 
 fn two_ranks(dir: &Path, micro: Option<usize>, extra: &[&str]) -> Output {
     let cfg = common::pool_config(dir, GLOBAL, micro, STEPS);
-    let port = free_port().to_string();
-    let mut args = vec!["--nproc", "2", "--master-port", &port, "--", "--config", cfg.to_str().unwrap()];
+    let mut args = vec!["--nproc", "2", "--standalone", "--", "--config", cfg.to_str().unwrap()];
     args.extend(extra);
     launcher(&args).output().unwrap()
 }
@@ -83,8 +82,7 @@ fn pool_settings_that_cannot_work_are_clear_errors() {
     assert_fails_with(&out, &["train.micro_batch = 0"]);
     // 32 examples do not split over 3 ranks: every worker says so and the launcher does not
     // restart them (an input error).
-    let port = free_port().to_string();
-    let out = launcher(&["--nproc", "3", "--master-port", &port, "--", "--config", cfg.to_str().unwrap()])
+    let out = launcher(&["--nproc", "3", "--standalone", "--", "--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
@@ -95,11 +93,9 @@ fn pool_settings_that_cannot_work_are_clear_errors() {
     // batch_size, the same config on 2 ranks is a pool of 16, not 8.
     let per_process = common::quick_config(dir.path(), dir.path().join("old").to_str().unwrap(), 8, 2);
     assert_ok(&train(&per_process, &[]));
-    let port = free_port().to_string();
-    let out =
-        launcher(&["--nproc", "2", "--master-port", &port, "--", "--config", per_process.to_str().unwrap()])
-            .output()
-            .unwrap();
+    let out = launcher(&["--nproc", "2", "--standalone", "--", "--config", per_process.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("a global batch of 8 (1 ranks), this run has 16 (2 ranks)"), "{err}");

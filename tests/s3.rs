@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::process::{assert_ok, event, free_port, kdmcse_command as kdmcse, launcher_bin};
+use common::process::{assert_ok, event, kdmcse_command as kdmcse, launcher_bin};
 use common::s3::{open_store, s3_env, S3Server, BUCKET};
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -274,15 +274,7 @@ fn two_ranks_stop_and_resume_through_s3_equal_an_uninterrupted_run() {
         let mut cmd = Command::new(&launcher);
         s3_env(&mut cmd, server.port)
             .env("KDMCSE_BIN", env!("CARGO_BIN_EXE_kdmcse"))
-            .args([
-                "--nproc",
-                "2",
-                "--master-port",
-                &free_port().to_string(),
-                "--",
-                "--config",
-                cfg.to_str().unwrap(),
-            ])
+            .args(["--nproc", "2", "--standalone", "--", "--config", cfg.to_str().unwrap()])
             .args(extra);
         let out = cmd.output().unwrap();
         assert_ok(&out);

@@ -1,16 +1,21 @@
-//! `kdmcse-launch`: starts one `kdmcse train` worker per GPU (or per CPU slot) on this node with
-//! torchrun's environment contract (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
-//! `MASTER_ADDR`, `MASTER_PORT`), streams their output with a rank prefix, forwards SIGINT and
-//! SIGTERM, and when a worker dies stops the others and restarts the whole group (which resumes
-//! from the newest checkpoint), up to `--max-restarts` times.
+//! `kdmcse-launch`: the agent of one node. It starts one `kdmcse train` worker per GPU (or per
+//! CPU slot) with torchrun's environment contract (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+//! `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), streams their output with a rank prefix and
+//! forwards SIGINT and SIGTERM. The node-0 launcher hosts the rendezvous store; the launchers of
+//! all nodes meet there in rounds ([`rendezvous`]): a failure on any node ends the round on every
+//! node, each stops its workers and joins the next round, whose workers resume from the newest
+//! checkpoint, up to `--max-restarts` rounds for the whole job.
 //!
 //! Exit codes: 0 all workers finished; 2 bad arguments, a launch failure, or a worker that failed
-//! on its configuration or input (exit 2: not restarted); 130/143 stopped by SIGINT/SIGTERM;
-//! otherwise the exit code of the first worker that failed once no restart was left (1 when it
-//! died from a signal).
+//! on its configuration or input (exit 2: not restarted, on any node); 130/143 stopped by
+//! SIGINT/SIGTERM; otherwise the exit code of the failure that ended the last round (1 when a
+//! worker died from a signal or the rendezvous failed).
+
+mod rendezvous;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::ToSocketAddrs;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use kdmcse::dist::store::StoreServer;
+use rendezvous::{Ending, Rendezvous};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,13 +47,20 @@ struct Args {
     /// This node's index; defaults to $JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs), else 0.
     #[arg(long)]
     node_rank: Option<usize>,
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Where node 0's launcher hosts the rendezvous store.
+    #[arg(long, default_value = "127.0.0.1", conflicts_with = "standalone")]
     master_addr: String,
-    #[arg(long, default_value_t = 29500)]
+    #[arg(long, default_value_t = 29500, conflicts_with = "standalone")]
     master_port: u16,
-    /// Whole-group restarts after a worker failure.
+    /// One node on a port of its own (picked free and logged): jobs side by side on one host.
+    #[arg(long, conflicts_with_all = ["nnodes", "node_rank"])]
+    standalone: bool,
+    /// The run's id: every rendezvous key is prefixed by it (and by the round).
+    #[arg(long, default_value = "kdmcse")]
+    rdzv_id: String,
+    /// Rounds after the first, for the whole job: each failure anywhere ends a round.
     #[arg(long, default_value_t = 0)]
-    max_restarts: usize,
+    max_restarts: u64,
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 60)]
     stop_timeout_s: u64,
@@ -190,7 +204,15 @@ fn wait_for_master(addr: &str, port: u16, wait: Duration) -> Result<()> {
     }
 }
 
-fn spawn_group(args: &Args, plan: &Plan, restart: usize, worker_args: &[String]) -> Result<Vec<Child>> {
+/// Where the workers find the rendezvous store, and which round they belong to.
+struct GroupEnv<'a> {
+    store_host: &'a str,
+    store_port: u16,
+    run_id: &'a str,
+    round: u64,
+}
+
+fn spawn_group(plan: &Plan, env: &GroupEnv, worker_args: &[String]) -> Result<Vec<Child>> {
     let bin = worker_binary();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut children = Vec::with_capacity(plan.local_world);
@@ -203,9 +225,11 @@ fn spawn_group(args: &Args, plan: &Plan, restart: usize, worker_args: &[String])
             .env("LOCAL_RANK", local_rank.to_string())
             .env("LOCAL_WORLD_SIZE", plan.local_world.to_string())
             .env("GROUP_RANK", plan.node_rank.to_string())
-            .env("MASTER_ADDR", &args.master_addr)
-            .env("MASTER_PORT", args.master_port.to_string())
-            .env("KDMCSE_RESTART_COUNT", restart.to_string())
+            .env("MASTER_ADDR", env.store_host)
+            .env("MASTER_PORT", env.store_port.to_string())
+            .env("KDMCSE_RUN_ID", env.run_id)
+            .env("KDMCSE_ROUND", env.round.to_string())
+            .env("KDMCSE_RESTART_COUNT", env.round.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -215,6 +239,14 @@ fn spawn_group(args: &Args, plan: &Plan, restart: usize, worker_args: &[String])
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             // Share the cores instead of oversubscribing them (torchrun sets OMP_NUM_THREADS).
             cmd.env("RAYON_NUM_THREADS", (cores / plan.local_world).max(1).to_string());
+        }
+        // SAFETY: prctl is async-signal-safe. A launcher killed with SIGKILL takes its workers
+        // with it, so its peers' collectives fail at once and no orphan holds the GPU.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
         }
         let mut child = match cmd.spawn() {
             Ok(child) => child,
@@ -255,9 +287,11 @@ fn signal_all(children: &mut [Child], signal: i32) {
     }
 }
 
-/// SIGTERM, then SIGKILL after `grace`; reaps every child.
+/// SIGTERM (and SIGCONT, so a stopped worker can act on it), then SIGKILL after `grace`; reaps
+/// every child.
 fn stop_group(children: &mut [Child], grace: Duration) {
     signal_all(children, libc::SIGTERM);
+    signal_all(children, libc::SIGCONT);
     let deadline = Instant::now() + grace;
     loop {
         let alive = children.iter_mut().filter_map(|c| c.try_wait().ok()).filter(Option::is_none).count();
@@ -287,8 +321,13 @@ fn describe(status: ExitStatus) -> String {
 
 enum GroupOutcome {
     Finished,
-    Failed { rank: usize, status: ExitStatus },
+    Failed {
+        rank: usize,
+        status: ExitStatus,
+    },
     Interrupted(i32),
+    /// Another node ended the round.
+    RoundEnded(Ending),
 }
 
 /// When each child exited, as seen by a thread per child that waits for it without reaping it
@@ -310,7 +349,14 @@ fn exit_times(children: &[Child]) -> Arc<Mutex<Vec<Option<Instant>>>> {
     times
 }
 
-fn watch(children: &mut [Child], node_rank: usize, stop_grace: Duration) -> GroupOutcome {
+/// Watches this node's workers until they all finish, one fails, a signal comes or
+/// `round_ended` reports that another node ended the round.
+fn watch(
+    children: &mut [Child],
+    node_rank: usize,
+    stop_grace: Duration,
+    round_ended: &mut dyn FnMut() -> Option<Ending>,
+) -> GroupOutcome {
     let local_world = children.len();
     let mut done = vec![false; local_world];
     let exited = exit_times(children);
@@ -351,6 +397,11 @@ fn watch(children: &mut [Child], node_rank: usize, stop_grace: Duration) -> Grou
         if done.iter().all(|&d| d) {
             return GroupOutcome::Finished;
         }
+        if let Some(ending) = round_ended() {
+            eprintln!("[launcher] the round ended on another node ({}): stopping the workers", ending.reason);
+            stop_group(children, stop_grace);
+            return GroupOutcome::RoundEnded(ending);
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -370,51 +421,110 @@ fn run(args: Args) -> Result<i32> {
             std::thread::sleep(Duration::from_millis(20));
         });
     }
-    if plan.node_rank > 0 {
-        wait_for_master(&args.master_addr, args.master_port, Duration::from_secs(args.master_wait_s))?;
-    }
+    let (store, store_host, store_port) = start_store(&args, &plan)?;
+    let timeout = kdmcse::dist::timeout_from_env()?;
+    let addr = format!("{store_host}:{store_port}");
+    let mut rdzv = Rendezvous::connect(&addr, &args.rdzv_id, plan.node_rank, args.nnodes, timeout)
+        .with_context(|| format!("node {}: cannot join the job", plan.node_rank))?;
     let grace = Duration::from_secs(args.stop_timeout_s);
-    let mut restart = 0;
-    let mut worker_args = plan.worker_args.clone();
-    loop {
+    let mut round = 0;
+    let code = loop {
+        round = rdzv.join(round)?;
+        if round > args.max_restarts {
+            eprintln!(
+                "[launcher] the job is at round {round}: no restart is left (--max-restarts {})",
+                args.max_restarts
+            );
+            break 1;
+        }
         eprintln!(
-            "[launcher] node {}/{}: starting ranks {}..{} of {} (attempt {})",
+            "[launcher] node {}/{}: round {round}: starting ranks {}..{} of {}",
             plan.node_rank,
             args.nnodes,
             plan.node_rank * plan.local_world,
             (plan.node_rank + 1) * plan.local_world,
             plan.world_size,
-            restart + 1
         );
-        let mut children = spawn_group(&args, &plan, restart, &worker_args)?;
-        match watch(&mut children, plan.node_rank, grace) {
-            GroupOutcome::Finished => {
-                eprintln!("[launcher] all workers finished");
-                return Ok(0);
+        // Every round after the first continues the run from its newest checkpoint.
+        let worker_args = if round == 0 { plan.worker_args.clone() } else { resume_auto(&plan.worker_args) };
+        let env = GroupEnv { store_host: &store_host, store_port, run_id: &args.rdzv_id, round };
+        let mut children = spawn_group(&plan, &env, &worker_args)?;
+        let mut round_ended = || match rdzv.ended(round) {
+            Ok(ending) => ending,
+            Err(err) => Some(Ending { code: 1, reason: format!("lost the rendezvous store: {err:#}") }),
+        };
+        let ending = match watch(&mut children, plan.node_rank, grace, &mut round_ended) {
+            GroupOutcome::Finished => match rdzv.finish(round) {
+                Ok(None) => break 0,
+                Ok(Some(ending)) => ending,
+                // Node 0 waits for every node; the others are done once their workers are.
+                Err(err) if plan.node_rank > 0 => {
+                    eprintln!("[launcher] {err:#}");
+                    break 0;
+                }
+                Err(err) => return Err(err),
+            },
+            GroupOutcome::Interrupted(signal) => {
+                let reason = format!("node {}'s launcher got signal {signal}", plan.node_rank);
+                let _ = rdzv.end(round, &Ending { code: 128 + signal, reason });
+                break 128 + signal;
             }
-            GroupOutcome::Interrupted(signal) => return Ok(128 + signal),
             GroupOutcome::Failed { rank, status } => {
-                if status.code() == Some(INPUT_ERROR) {
-                    eprintln!(
-                        "[launcher] rank {rank} failed on its configuration or input (exit {INPUT_ERROR}): \
-                         restarting cannot help"
-                    );
-                    return Ok(INPUT_ERROR);
-                }
-                if restart >= args.max_restarts {
-                    eprintln!(
-                        "[launcher] rank {rank} failed and no restart is left (--max-restarts {})",
-                        args.max_restarts
-                    );
-                    return Ok(status.code().filter(|&c| c != 0).unwrap_or(1));
-                }
-                restart += 1;
-                worker_args = resume_auto(&plan.worker_args);
-                eprintln!(
-                    "[launcher] restarting the group ({restart}/{}), resuming from the newest checkpoint",
-                    args.max_restarts
-                );
+                let code = status.code().filter(|&c| c != 0).unwrap_or(1);
+                let ending = Ending { code, reason: format!("rank {rank} failed with {}", describe(status)) };
+                rdzv.end(round, &ending)?;
+                ending
             }
+            GroupOutcome::RoundEnded(ending) => ending,
+        };
+        if let Ok(Some(lost)) = rdzv.lost(round) {
+            eprintln!("[launcher] round {round}: {lost}");
         }
+        if ending.code == INPUT_ERROR {
+            eprintln!(
+                "[launcher] round {round} ended on a configuration or input error (exit {INPUT_ERROR}, {}): \
+                 restarting cannot help",
+                ending.reason
+            );
+            break INPUT_ERROR;
+        }
+        if round >= args.max_restarts {
+            eprintln!(
+                "[launcher] round {round} ended ({}) and no restart is left (--max-restarts {})",
+                ending.reason, args.max_restarts
+            );
+            break ending.code;
+        }
+        round += 1;
+        eprintln!(
+            "[launcher] round {} ended ({}): restarting in round {round} of at most {}, resuming from the newest checkpoint",
+            round - 1,
+            ending.reason,
+            args.max_restarts
+        );
+    };
+    drop(store);
+    Ok(code)
+}
+
+/// Node 0 hosts the rendezvous store (on a free loopback port with `--standalone`); the other
+/// nodes wait until node 0's address resolves. Returns the store and where the workers reach it.
+fn start_store(args: &Args, plan: &Plan) -> Result<(Option<StoreServer>, String, u16)> {
+    if args.standalone {
+        let store = StoreServer::start("127.0.0.1:0")?;
+        let port = store.addr.port();
+        eprintln!("[launcher] standalone: rendezvous store at 127.0.0.1:{port}");
+        return Ok((Some(store), "127.0.0.1".into(), port));
     }
+    let store = if plan.node_rank == 0 {
+        let bind = format!("0.0.0.0:{}", args.master_port);
+        let store = StoreServer::start(&bind).with_context(|| {
+            format!("is another job using port {}? give --master-port or --standalone", args.master_port)
+        })?;
+        Some(store)
+    } else {
+        wait_for_master(&args.master_addr, args.master_port, Duration::from_secs(args.master_wait_s))?;
+        None
+    };
+    Ok((store, args.master_addr.clone(), args.master_port))
 }

@@ -1,18 +1,22 @@
 //! Collectives between training processes: the [`Communicator`] interface the trainer uses to
 //! gather embeddings and teacher features (global negatives) and to all-reduce gradients, and
 //! [`init_from_env`], which joins a job from the launcher's environment (`RANK`, `WORLD_SIZE`,
-//! `MASTER_ADDR`, `MASTER_PORT`, as torchrun sets them).
+//! `MASTER_ADDR`, `MASTER_PORT`, as torchrun sets them, and `KDMCSE_RUN_ID`/`KDMCSE_ROUND`
+//! from `kdmcse-launch`) and starts the rank's [`watchdog`].
 //!
 //! Backends: [`SingleProcess`] (a world of one), [`tcp::TcpCommunicator`], a TCP mesh for
 //! development, tests and CPU boxes, and `nccl::NcclCommunicator` (the `cuda` feature), the
 //! engine for real GPU runs, chosen when the trainer's device is a GPU.
 
+pub mod flight;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod store;
 pub mod tcp;
+pub mod watchdog;
 
 use std::net::{ToSocketAddrs, UdpSocket};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -132,10 +136,22 @@ pub fn all_reduce_grads(comm: &dyn Communicator, grads: Vec<Option<Tensor>>) -> 
     Ok(out)
 }
 
-/// A joined job: the communicator, and on rank 0 the rendezvous store it hosts.
+/// A joined job: the communicator, what aborts it, the launcher's round, the rank's watchdog,
+/// and the rendezvous store rank 0 hosts when no launcher does. (Fields drop in this order: the
+/// watchdog's last heartbeat still reaches the store.)
 pub struct ProcessGroup {
     pub comm: Box<dyn Communicator>,
+    pub abort: Arc<watchdog::Abort>,
+    /// The launcher's rendezvous round (`KDMCSE_ROUND`), 0 without a launcher.
+    pub round: u64,
+    _watchdog: Option<watchdog::Watchdog>,
     _store: Option<store::StoreServer>,
+}
+
+impl ProcessGroup {
+    fn single() -> Self {
+        Self { comm: Box::new(SingleProcess), abort: Arc::default(), round: 0, _watchdog: None, _store: None }
+    }
 }
 
 fn env_usize(name: &str) -> Result<Option<usize>> {
@@ -160,13 +176,37 @@ pub enum Nccl {
     Always,
 }
 
+/// Where the rendezvous store is and which keys belong to this worker group.
+struct Rendezvous {
+    /// Keys are `{prefix}/...`: `{run id}/r{round}` under `kdmcse-launch`, so that a group never
+    /// meets the keys of an earlier round or another run.
+    prefix: String,
+    round: u64,
+    /// Whether this process hosts the store: rank 0 when no launcher does.
+    host_store: bool,
+}
+
+fn rendezvous_from_env(rank: usize) -> Result<Rendezvous> {
+    match (std::env::var("KDMCSE_RUN_ID"), env_usize("KDMCSE_ROUND")?) {
+        (Ok(run), Some(round)) => {
+            Ok(Rendezvous { prefix: format!("{run}/r{round}"), round: round as u64, host_store: false })
+        }
+        _ => Ok(Rendezvous { prefix: "kdmcse".into(), round: 0, host_store: rank == 0 }),
+    }
+}
+
 /// Joins the job described by the environment: a single process without `WORLD_SIZE`, else the
 /// TCP mesh (and NCCL on top of it when `device` is a GPU, as `nccl` says), rendezvousing through
-/// the store rank 0 hosts at `MASTER_ADDR:MASTER_PORT`. A launched world of one joins too, as
-/// under torchrun, so it meets the same rendezvous as eight.
-pub fn init_from_env(device: &candle_core::Device, nccl: Nccl) -> Result<ProcessGroup> {
+/// the store at `MASTER_ADDR:MASTER_PORT`, with a watchdog on the other ranks' heartbeats when
+/// there are any. A launched world of one joins too, as under torchrun, so it meets the same
+/// rendezvous as eight.
+pub fn init_from_env(
+    device: &candle_core::Device,
+    nccl: Nccl,
+    liveness: watchdog::Liveness,
+) -> Result<ProcessGroup> {
     let Some(world_size) = env_usize("WORLD_SIZE")? else {
-        return Ok(ProcessGroup { comm: Box::new(SingleProcess), _store: None });
+        return Ok(ProcessGroup::single());
     };
     if world_size == 0 {
         anyhow::bail!("WORLD_SIZE=0: a job needs at least one rank");
@@ -178,43 +218,67 @@ pub fn init_from_env(device: &candle_core::Device, nccl: Nccl) -> Result<Process
     let master = std::env::var("MASTER_ADDR").context("WORLD_SIZE is set but MASTER_ADDR is not")?;
     let port = env_usize("MASTER_PORT")?.context("WORLD_SIZE is set but MASTER_PORT is not")?;
     let timeout = timeout_from_env()?;
-    // Rank 0's store lives and dies with its worker group, so keys never outlive an attempt.
-    let generation = "kdmcse";
-    let server = if rank == 0 { Some(store::StoreServer::start(&format!("0.0.0.0:{port}"))?) } else { None };
+    let rdzv = rendezvous_from_env(rank)?;
+    let server =
+        if rdzv.host_store { Some(store::StoreServer::start(&format!("0.0.0.0:{port}"))?) } else { None };
     let master_addr = format!("{master}:{port}");
     let mut client = store::StoreClient::connect(&master_addr, timeout)
         .with_context(|| format!("rank {rank}: cannot join the job"))?;
     let ip = advertise_ip(&master_addr)?;
-    let tcp = tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, generation, timeout)
-        .with_context(|| format!("rank {rank}: collectives setup failed"))?;
+    let abort = Arc::new(watchdog::Abort::default());
+    let tcp = tcp::TcpCommunicator::connect(
+        &mut client,
+        rank,
+        world_size,
+        &ip,
+        &rdzv.prefix,
+        timeout,
+        abort.clone(),
+    )
+    .with_context(|| format!("rank {rank}: collectives setup failed"))?;
     let use_nccl = !device.is_cpu() && (world_size > 1 || nccl == Nccl::Always);
-    let comm: Box<dyn Communicator> =
-        if use_nccl { gpu_communicator(&mut client, tcp, device, timeout)? } else { Box::new(tcp) };
+    let comm: Box<dyn Communicator> = if use_nccl {
+        gpu_communicator(&mut client, &rdzv.prefix, tcp, device, timeout, &abort)?
+    } else {
+        Box::new(tcp)
+    };
+    let watchdog = (world_size > 1)
+        .then(|| {
+            watchdog::Watchdog::start(&master_addr, &rdzv.prefix, rank, world_size, liveness, abort.clone())
+        })
+        .transpose()?;
     let backend = if use_nccl { "NCCL" } else { "TCP" };
-    tracing::info!(rank, world_size, %master_addr, backend, "joined the job");
+    tracing::info!(rank, world_size, %master_addr, backend, round = rdzv.round, "joined the job");
     crate::events::emit(
         "joined",
-        serde_json::json!({"rank": rank, "world_size": world_size, "backend": backend, "pid": std::process::id()}),
+        serde_json::json!({
+            "rank": rank, "world_size": world_size, "backend": backend, "round": rdzv.round,
+            "pid": std::process::id(),
+        }),
     );
-    Ok(ProcessGroup { comm, _store: server })
+    Ok(ProcessGroup { comm, abort, round: rdzv.round, _watchdog: watchdog, _store: server })
 }
 
 #[cfg(feature = "cuda")]
 fn gpu_communicator(
     client: &mut store::StoreClient,
+    prefix: &str,
     tcp: tcp::TcpCommunicator,
     device: &candle_core::Device,
     timeout: Duration,
+    abort: &Arc<watchdog::Abort>,
 ) -> Result<Box<dyn Communicator>> {
-    Ok(Box::new(nccl::NcclCommunicator::connect(client, tcp, device, timeout)?))
+    Ok(Box::new(nccl::NcclCommunicator::connect(client, prefix, tcp, device, timeout, abort)?))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_communicator(
     _: &mut store::StoreClient,
+    _: &str,
     _: tcp::TcpCommunicator,
     device: &candle_core::Device,
     _: Duration,
+    _: &Arc<watchdog::Abort>,
 ) -> Result<Box<dyn Communicator>> {
     anyhow::bail!("{device:?}: GPU collectives need a build with the `cuda` feature")
 }

@@ -4,6 +4,7 @@
 //! rendezvous store.
 
 use std::cell::Cell;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -13,10 +14,22 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Sha
 
 use super::store::StoreClient;
 use super::tcp::TcpCommunicator;
+use super::watchdog::Abort;
 use super::Communicator;
 
+/// The NCCL communicator, which the watchdog's thread takes and drops (cudarc's `Comm` drops with
+/// `ncclCommAbort`) to unblock a collective that waits for a lost peer; collectives find it gone.
+struct SharedComm(Mutex<Option<Comm>>);
+
+// SAFETY: every use of the communicator goes through the mutex, and the one use from another
+// thread is its abort, which NCCL allows from any thread ("ncclCommAbort ... to recover from a
+// hang": NCCL's fault-tolerance guide).
+unsafe impl Send for SharedComm {}
+unsafe impl Sync for SharedComm {}
+
 pub struct NcclCommunicator {
-    comm: Comm,
+    comm: Arc<SharedComm>,
+    abort: Arc<Abort>,
     device: Device,
     control: TcpCommunicator,
     busy: Cell<Duration>,
@@ -28,16 +41,18 @@ fn nccl_error(e: impl std::fmt::Debug) -> candle_core::Error {
 
 impl NcclCommunicator {
     /// Creates the NCCL communicator on `device` (the trainer's CUDA device, so that NCCL runs on
-    /// its stream); `control` carries byte messages.
+    /// its stream); `control` carries byte messages; `abort` aborts the communicator.
     pub fn connect(
         store: &mut StoreClient,
+        prefix: &str,
         control: TcpCommunicator,
         device: &Device,
         timeout: Duration,
+        abort: &Arc<Abort>,
     ) -> Result<Self> {
         let (rank, world_size) = (control.rank(), control.world_size());
         let cuda = device.as_cuda_device().context("the NCCL backend needs a CUDA device")?;
-        let key = "kdmcse/nccl-id".to_owned();
+        let key = format!("{prefix}/nccl-id");
         let id = if rank == 0 {
             let id = Id::new().map_err(nccl_error)?;
             let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
@@ -52,15 +67,36 @@ impl NcclCommunicator {
             Id::uninit(internal)
         };
         let comm = Comm::from_rank(cuda.cuda_stream(), rank, world_size, id).map_err(nccl_error)?;
-        Ok(Self { comm, device: device.clone(), control, busy: Cell::new(Duration::ZERO) })
+        let comm = Arc::new(SharedComm(Mutex::new(Some(comm))));
+        let shared = Arc::clone(&comm);
+        abort.on_abort(Box::new(move || drop(shared.0.lock().expect("nccl lock").take())));
+        Ok(Self {
+            comm,
+            abort: Arc::clone(abort),
+            device: device.clone(),
+            control,
+            busy: Cell::new(Duration::ZERO),
+        })
     }
 
-    /// Runs `op` on `tensor` as f32 on this communicator's GPU and returns the result on the
-    /// tensor's own device and dtype.
-    fn run(&self, tensor: &Tensor, op: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Tensor> {
+    /// Runs `collective` on `tensor` as f32 on this communicator's GPU and returns the result on
+    /// the tensor's own device and dtype. The lock is held while NCCL enqueues the collective, not
+    /// while the stream waits for it, so an abort can always take the communicator.
+    fn run(&self, name: &'static str, tensor: &Tensor, collective: Collective) -> Result<Tensor> {
         let started = Instant::now();
         let input = tensor.to_device(&self.device)?.to_dtype(DType::F32)?.contiguous()?;
-        let out = op(&input)?.to_dtype(tensor.dtype())?.to_device(tensor.device())?;
+        super::flight::start(name, input.elem_count() * 4);
+        let out = {
+            let comm = self.comm.0.lock().expect("nccl lock");
+            let Some(comm) = comm.as_ref() else {
+                let verdict = self.abort.verdict().unwrap_or("aborted");
+                super::flight::finish(Some(verdict.to_owned()));
+                anyhow::bail!("{verdict}; NCCL {name} at step {} refused", super::flight::step());
+            };
+            input.apply_op1_no_bwd(&NcclOp { comm, collective })
+        };
+        super::flight::finish(out.as_ref().err().map(|e| e.to_string()));
+        let out = out?.to_dtype(tensor.dtype())?.to_device(tensor.device())?;
         self.busy.set(self.busy.get() + started.elapsed());
         Ok(out)
     }
@@ -124,18 +160,15 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_gather(&self, local: &Tensor) -> Result<Tensor> {
-        let op = NcclOp { comm: &self.comm, collective: Collective::AllGather };
-        self.run(local, &|t| t.apply_op1_no_bwd(&op))
+        self.run("all_gather", local, Collective::AllGather)
     }
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
-        let op = NcclOp { comm: &self.comm, collective: Collective::AllReduce };
-        self.run(tensor, &|t| t.apply_op1_no_bwd(&op))
+        self.run("all_reduce_sum", tensor, Collective::AllReduce)
     }
 
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
-        let op = NcclOp { comm: &self.comm, collective: Collective::Broadcast(root) };
-        self.run(tensor, &|t| t.apply_op1_no_bwd(&op))
+        self.run("broadcast", tensor, Collective::Broadcast(root))
     }
 
     fn barrier(&self) -> Result<()> {

@@ -1,7 +1,9 @@
-//! The rendezvous store: a small TCP key-value store that rank 0 hosts at
-//! `MASTER_ADDR:MASTER_PORT` (the role of PyTorch's `TCPStore`). Ranks publish their collective
-//! addresses (and, on GPUs, rank 0 the NCCL unique id) and wait for each other's keys; every wait
-//! has a deadline and its error says which ranks never arrived.
+//! The rendezvous store: a small TCP key-value store at `MASTER_ADDR:MASTER_PORT` (the role of
+//! PyTorch's `TCPStore`), hosted by the node-0 launcher (which outlives worker groups) or, for
+//! workers started without `kdmcse-launch`, by rank 0. Launchers agree on rounds in it; ranks
+//! publish their collective addresses (and, on GPUs, rank 0 the NCCL unique id) and heartbeats,
+//! and wait for each other's keys; every wait has a deadline and its error says which ranks never
+//! arrived.
 //!
 //! Wire format, both ways: `op: u8, key_len: u32, key, value_len: u32, value` (little endian).
 //! Ops: SET stores a value; GET answers once the key exists (the server parks the request);
@@ -116,6 +118,10 @@ async fn serve(mut socket: tokio::net::TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// How long a SET or CHECK may wait for its reply: a store that does not answer by then is
+/// frozen or gone (the connection is then unusable: its reply would come mid-stream).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A blocking client of the store.
 pub struct StoreClient {
     stream: TcpStream,
@@ -164,23 +170,26 @@ impl StoreClient {
         frame.extend_from_slice(&(value.len() as u32).to_le_bytes());
         frame.extend_from_slice(value);
         self.stream.set_read_timeout(timeout)?;
+        self.stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
         self.stream
             .write_all(&frame)
             .with_context(|| format!("rendezvous: lost the store at {}", self.addr))?;
         let mut head = [0u8; 5];
-        self.stream.read_exact(&mut head)?;
+        self.stream
+            .read_exact(&mut head)
+            .with_context(|| format!("rendezvous: no answer from the store at {}", self.addr))?;
         let mut reply = vec![0; u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize];
         self.stream.read_exact(&mut reply)?;
         Ok((head[0], reply))
     }
 
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
-        self.request(SET, key, value, None).map(|_| ())
+        self.request(SET, key, value, Some(REPLY_TIMEOUT)).map(|_| ())
     }
 
     /// The value of `key` if it is set now.
     pub fn check(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
-        let (status, value) = self.request(CHECK, key, &[], None)?;
+        let (status, value) = self.request(CHECK, key, &[], Some(REPLY_TIMEOUT))?;
         Ok((status == 0).then_some(value))
     }
 

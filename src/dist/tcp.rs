@@ -10,14 +10,16 @@
 
 use std::cell::Cell;
 use std::io::{BufWriter, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::store::StoreClient;
-use super::Communicator;
+use super::watchdog::Abort;
+use super::{flight, Communicator};
 
 pub struct TcpCommunicator {
     rank: usize,
@@ -26,12 +28,14 @@ pub struct TcpCommunicator {
     /// peer from one thread while reading from it on another (`&TcpStream` does both).
     peers: Vec<Option<TcpStream>>,
     busy: Cell<Duration>,
+    abort: Arc<Abort>,
 }
 
 impl TcpCommunicator {
     /// Builds the mesh: listens on `bind_ip`, publishes `advertise_ip:port` as `tcp/<rank>` in the
     /// store, connects to lower ranks and accepts the higher ones. `timeout` bounds the rendezvous
-    /// and every later receive.
+    /// and every later receive; `abort` closes the mesh (every blocked collective then fails with
+    /// its verdict).
     pub fn connect(
         store: &mut StoreClient,
         rank: usize,
@@ -39,6 +43,7 @@ impl TcpCommunicator {
         advertise_ip: &str,
         generation: &str,
         timeout: Duration,
+        abort: Arc<Abort>,
     ) -> Result<Self> {
         let listener = TcpListener::bind((advertise_ip, 0))
             .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
@@ -73,13 +78,30 @@ impl TcpCommunicator {
             stream.set_nodelay(true)?;
             stream.set_read_timeout(Some(timeout))?;
         }
-        Ok(Self { rank, world_size, peers, busy: Cell::new(Duration::ZERO) })
+        let handles =
+            peers.iter().flatten().map(TcpStream::try_clone).collect::<std::io::Result<Vec<_>>>()?;
+        abort.on_abort(Box::new(move || {
+            for stream in &handles {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }));
+        Ok(Self { rank, world_size, peers, busy: Cell::new(Duration::ZERO), abort })
     }
 
-    /// Every rank's buffer, in rank order.
-    fn exchange(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+    /// Every rank's buffer, in rank order; recorded in the flight recorder as `name`. Once the
+    /// mesh is aborted every collective fails with the abort's verdict.
+    fn exchange(&self, name: &'static str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let started = Instant::now();
-        let result = self.exchange_untimed(data);
+        flight::start(name, data.len());
+        let result = match self.abort.verdict() {
+            Some(verdict) => Err(anyhow::anyhow!("{verdict}")),
+            None => self.exchange_untimed(data),
+        };
+        let result = result.map_err(|err| match self.abort.verdict() {
+            Some(verdict) => anyhow::anyhow!("{verdict}; {name} at step {} aborted", flight::step()),
+            None => err.context(format!("{name} at step {}", flight::step())),
+        });
+        flight::finish(result.as_ref().err().map(|e| format!("{e:#}")));
         self.busy.set(self.busy.get() + started.elapsed());
         result
     }
@@ -172,7 +194,7 @@ impl Communicator for TcpCommunicator {
 
     fn all_gather(&self, local: &Tensor) -> Result<Tensor> {
         let (bytes, dims, dtype) = to_bytes(local)?;
-        let parts = self.exchange(&bytes)?;
+        let parts = self.exchange("all_gather", &bytes)?;
         let mut dims_out = dims.clone();
         dims_out[0] *= self.world_size;
         let mut all = Vec::with_capacity(bytes.len() * self.world_size);
@@ -187,7 +209,7 @@ impl Communicator for TcpCommunicator {
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
         let (bytes, dims, dtype) = to_bytes(tensor)?;
-        let parts = self.exchange(&bytes)?;
+        let parts = self.exchange("all_reduce_sum", &bytes)?;
         let mut sum = vec![0f32; bytes.len() / 4];
         for (rank, part) in parts.iter().enumerate() {
             if part.len() != bytes.len() {
@@ -202,16 +224,16 @@ impl Communicator for TcpCommunicator {
 
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<Tensor> {
         let (bytes, dims, dtype) = to_bytes(tensor)?;
-        let parts = self.exchange(if self.rank == root { &bytes } else { &[] })?;
+        let parts = self.exchange("broadcast", if self.rank == root { &bytes } else { &[] })?;
         from_bytes(&parts[root], &dims, dtype, tensor.device())
     }
 
     fn barrier(&self) -> Result<()> {
-        self.exchange(&[]).map(|_| ())
+        self.exchange("barrier", &[]).map(|_| ())
     }
 
     fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.exchange(data)
+        self.exchange("all_gather_bytes", data)
     }
 
     fn time_in_collectives(&self) -> Duration {

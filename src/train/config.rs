@@ -21,6 +21,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub train: TrainingConfig,
     pub output: OutputConfig,
+    #[serde(default)]
+    pub dist: DistConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +187,40 @@ pub struct OutputConfig {
     pub log_every_s: f64,
 }
 
+/// Liveness of the ranks of a distributed run (see `dist::watchdog`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistConfig {
+    /// Seconds between a rank's heartbeats to the rendezvous store.
+    #[serde(default = "default_heartbeat_s")]
+    pub heartbeat_s: f64,
+    /// Seconds without a peer's heartbeat before the peer is declared lost and the run ends.
+    #[serde(default = "default_peer_timeout_s")]
+    pub peer_timeout_s: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self { heartbeat_s: default_heartbeat_s(), peer_timeout_s: default_peer_timeout_s() }
+    }
+}
+
+impl DistConfig {
+    pub fn liveness(&self) -> crate::dist::watchdog::Liveness {
+        crate::dist::watchdog::Liveness {
+            heartbeat: std::time::Duration::from_secs_f64(self.heartbeat_s),
+            peer_timeout: std::time::Duration::from_secs_f64(self.peer_timeout_s),
+        }
+    }
+}
+
+fn default_heartbeat_s() -> f64 {
+    crate::dist::watchdog::Liveness::default().heartbeat.as_secs_f64()
+}
+fn default_peer_timeout_s() -> f64 {
+    crate::dist::watchdog::Liveness::default().peer_timeout.as_secs_f64()
+}
+
 fn default_pooling() -> Pooling {
     Pooling::Cls
 }
@@ -212,7 +248,7 @@ impl TrainConfig {
     /// then `overrides` (`train.max_steps=10`); checks the result.
     pub fn load(file: &Path, overrides: &[String]) -> Result<Self> {
         // Only variables that name a section: KDMCSE_TIMEOUT and friends are not config keys.
-        let sections = ["MODEL__", "DATA__", "LOSS__", "TRAIN__", "OUTPUT__"];
+        let sections = ["MODEL__", "DATA__", "LOSS__", "TRAIN__", "OUTPUT__", "DIST__"];
         let env: std::collections::HashMap<String, String> = std::env::vars()
             .filter(|(k, _)| {
                 k.strip_prefix("KDMCSE_").is_some_and(|rest| sections.iter().any(|s| rest.starts_with(s)))
@@ -315,6 +351,17 @@ impl TrainConfig {
         if let Some(metrics) = &o.metrics {
             path_given("output.metrics", metrics)?;
         }
+        let dist = &self.dist;
+        positive("dist.heartbeat_s", dist.heartbeat_s)?;
+        // A peer gets at least two heartbeats before it can be declared lost.
+        finite("dist.peer_timeout_s", dist.peer_timeout_s)?;
+        if dist.peer_timeout_s < 2.0 * dist.heartbeat_s {
+            bail!(
+                "dist.peer_timeout_s = {} must be at least twice dist.heartbeat_s = {}",
+                dist.peer_timeout_s,
+                dist.heartbeat_s
+            );
+        }
         Ok(())
     }
 }
@@ -322,7 +369,9 @@ impl TrainConfig {
 /// Keys a resumed run may change: they decide where and how often things are written and
 /// evaluated, not the weights a step computes (`model.path` may move; the architecture is checked
 /// on its own).
-pub const RESULT_NEUTRAL_KEYS: [&str; 9] = [
+pub const RESULT_NEUTRAL_KEYS: [&str; 11] = [
+    "dist.heartbeat_s",
+    "dist.peer_timeout_s",
     "model.path",
     "output.dir",
     "output.keep",

@@ -614,6 +614,32 @@ impl<'c> Trainer<'c> {
         Ok(name)
     }
 
+    /// After a failure of a distributed run: this rank's flight record (its last collectives)
+    /// under `diagnostics/round-K/rank-R.json` in the run's store, and its summary in the log.
+    /// Input errors are not the collectives' business and leave no record.
+    pub fn write_diagnostics(&self, round: u64, error: &anyhow::Error) {
+        let rank = self.comm.rank();
+        if self.comm.world_size() == 1 || crate::InputError::is(error) {
+            return;
+        }
+        tracing::error!(rank, round, "flight recorder: {}", crate::dist::flight::summary());
+        let record = serde_json::json!({
+            "rank": rank,
+            "round": round,
+            "step": self.state.step,
+            "error": format!("{error:#}"),
+            "collectives": crate::dist::flight::recent(),
+        });
+        let name = format!("diagnostics/round-{round}/rank-{rank}.json");
+        let written = serde_json::to_vec_pretty(&record)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| self.store.put_file(&name, Bytes::from(bytes)));
+        match written {
+            Ok(()) => tracing::error!("flight record written to {}/{name}", self.store.url()),
+            Err(err) => tracing::warn!("cannot write the flight record {name}: {err:#}"),
+        }
+    }
+
     /// STS-B dev on rank 0, the score broadcast to all ranks so they decide alike.
     fn evaluate_everywhere(&self) -> Result<f64> {
         let score = if self.comm.rank() == 0 { self.evaluate()? } else { 0.0 };
@@ -686,6 +712,7 @@ impl<'c> Trainer<'c> {
         let started = Instant::now();
         let (mut final_dev, mut outcome) = (None, Outcome::Finished);
         while self.state.step < total {
+            crate::dist::flight::set_step(self.state.step + 1);
             let m = self.step()?;
             self.metrics.write(&m)?;
             bar.step(&m);
