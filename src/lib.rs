@@ -20,6 +20,7 @@ pub mod loss;
 pub mod model;
 pub mod model_card;
 pub mod ops;
+pub mod tensorboard;
 pub mod train;
 
 /// An error in what the user gave -- the configuration, a data or model file, a checkpoint that

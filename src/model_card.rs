@@ -98,11 +98,9 @@ pub fn model_card(cfg: &TrainConfig, config_toml: &str, facts: &CardFacts) -> St
         (_, Some(per_rank)) => format!("{per_rank} per process"),
         (global, None) => format!("{} over all workers", global.unwrap_or(DEFAULT_GLOBAL_BATCH)),
     };
-    let _ = writeln!(
-        w,
-        "- Steps: {} (checkpoint `{}`), batch {batch}, learning rate {}, seed {}",
-        facts.step, facts.checkpoint, t.lr, t.seed
-    );
+    let _ = writeln!(w, "- Steps: {}, batch {batch}, learning rate {}, seed {}", facts.step, t.lr, t.seed);
+    let _ =
+        writeln!(w, "- Exported from checkpoint `{}` of the run at `{}`", facts.checkpoint, cfg.output.dir);
     match facts.best {
         Some((score, step)) => {
             let _ = writeln!(

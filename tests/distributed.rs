@@ -305,13 +305,25 @@ fn sigterm_to_the_launcher_stops_every_rank_at_one_step_and_the_resume_is_exact(
 /// Model selection on 2 ranks: rank 0 evaluates, every rank agrees on the best step, and the
 /// best checkpoint survives retention and is exported.
 #[test]
-fn two_ranks_keep_and_export_the_best_checkpoint() {
+fn two_ranks_keep_and_export_the_best_checkpoint_with_progress_and_rank_logs() {
     let run = tempfile::tempdir().unwrap();
     let cfg = write_config(run.path(), 4, 6);
-    let args = ["--nproc", "2", "--standalone", "--", "--config", cfg.to_str().unwrap()];
+    let logs = run.path().join("logs");
+    let args = ["--nproc", "2", "--standalone", "--log-dir", logs.to_str().unwrap()];
     let sets = ["--set", "train.eval_steps=2", "--set", "output.keep=1", "--set", "train.lr=5e-4"];
-    assert_ok(&launcher(&args).args(sets).output().unwrap());
+    let out = launcher(&args).args(["--", "--config", cfg.to_str().unwrap()]).args(sets).output().unwrap();
+    assert_ok(&out);
     common::assert_best_is_kept_and_exported(run.path(), &run.path().join("out"), 6);
+    // Rank 0's progress lines come through the launcher (no terminal), and each rank's output is
+    // in its own file too, unprefixed.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().any(|l| l.starts_with("[rank 0]") && l.contains("step 6/6 loss ")), "{err}");
+    for rank in [0, 1] {
+        let log = std::fs::read_to_string(logs.join(format!("round-0/rank-{rank}.log"))).unwrap();
+        let joined = format!("\"event\":\"joined\",\"rank\":{rank}");
+        assert!(log.lines().any(|l| l.contains(&joined)), "rank {rank}'s log:\n{log}");
+        assert!(!log.contains("[rank "), "the file is unprefixed:\n{log}");
+    }
 }
 
 /// One line of a node's output (its launcher's and its workers'), when it came.

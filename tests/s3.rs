@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::Tensor;
 use kdmcse::checkpoint::{CheckpointStore, Pointer};
 
-/// A TCP forwarder in front of the server whose connections the test can cut.
+/// A TCP forwarder in front of the server whose connections the test can cut, and whose uploads
+/// it can slow to `rate` bytes a second per connection.
 struct Proxy {
     port: u16,
     down: Arc<AtomicBool>,
@@ -27,6 +28,10 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: u16) -> Self {
+        Self::throttled(upstream, None)
+    }
+
+    fn throttled(upstream: u16, rate: Option<usize>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
@@ -41,14 +46,19 @@ impl Proxy {
                 }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
                 l.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                for (mut from, mut to) in
-                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                for (mut from, mut to, rate) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap(), rate), (server, client, None)]
                 {
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 1 << 16];
                         while let Ok(n) = from.read(&mut buf) {
                             if n == 0 || to.write_all(&buf[..n]).is_err() {
                                 break;
+                            }
+                            if let Some(rate) = rate {
+                                std::thread::sleep(std::time::Duration::from_secs_f64(
+                                    n as f64 / rate as f64,
+                                ));
                             }
                         }
                         let _ = to.shutdown(Shutdown::Both);
@@ -175,7 +185,8 @@ fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_lates
     let cfg = common::quick_config(dir.path(), &url, 8, 6);
 
     // 1. Connections dropped for a moment while step 2's checkpoint uploads: retried, run goes on.
-    // 2. At step 4 the server stays unreachable: the run fails, `latest` still names step 2.
+    // 2. From step 4's (background) upload the server stays unreachable: the run fails at a later
+    //    step with the upload's error, and `latest` still names step 2.
     let mut child = s3_env(&mut kdmcse(), proxy.port)
         .args(["train", "--config", cfg.to_str().unwrap()])
         .stderr(Stdio::piped())
@@ -217,11 +228,17 @@ fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_lates
     wait_for("step 2's commit", &step("checkpoint_saved", 2));
     wait_for("step 4's upload", &step("checkpoint_writing", 4));
     proxy.cut();
+    let cut = std::time::Instant::now();
     let status = child.wait().unwrap();
     reader.join().unwrap();
     let log = log.lock().unwrap().clone();
     assert!(!status.success(), "the run must fail when storage stays down:\n{log}");
-    assert!(log.contains("cannot write"), "the failure names what could not be written:\n{log}");
+    // Within the retry budget (4 attempts of object_store's retries): under a minute here.
+    assert!(cut.elapsed() < std::time::Duration::from_secs(90), "failed after {:?}", cut.elapsed());
+    assert!(
+        log.contains("background checkpoint upload") && log.contains("cannot write"),
+        "the failure says the upload failed and what could not be written:\n{log}"
+    );
 
     let store = open_store(&url, server.port);
     assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000002"));
@@ -236,6 +253,72 @@ fn dropped_connections_mid_upload_are_retried_and_an_outage_never_corrupts_lates
             .unwrap(),
     );
     assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000006"));
+    assert_eq!(
+        common::max_weight_diff(&common::checkpoint_weights(&store, "step-00000006"), &reference),
+        0.0
+    );
+}
+
+/// kill -9 while a background upload is in flight (slowed by a throttling proxy, with training
+/// going on meanwhile): `latest` names the last committed checkpoint, and the resume from it ends
+/// bitwise where an uninterrupted run does.
+#[test]
+fn a_kill_during_a_background_upload_resumes_from_the_last_committed_checkpoint() {
+    let reference = local_reference(6);
+    let server = S3Server::start();
+    // A MiniLM checkpoint (weights and Adam moments, ~270 MB) takes ~10 s at 24 MB/s.
+    let proxy = Proxy::throttled(server.port, Some(24 << 20));
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("s3://{BUCKET}/runs/killed");
+    let cfg = common::quick_config(dir.path(), &url, 8, 6);
+    let mut child = s3_env(&mut kdmcse(), proxy.port)
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for e in BufReader::new(stdout).lines().map_while(Result::ok).filter_map(|l| event(&l)) {
+            let _ = tx.send(e);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |name: &str, step: u64| loop {
+        let e = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the run went quiet");
+        let found = e["event"] == name && e["step"] == step;
+        seen.push(e);
+        if found {
+            break;
+        }
+    };
+    wait_for("checkpoint_saved", 2);
+    wait_for("checkpoint_writing", 4);
+    // Training goes on while step 4 uploads: wait for step 5 in the metrics, then kill.
+    let metrics = dir.path().join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !common::step_numbers(&metrics).contains(&5) {
+        assert!(std::time::Instant::now() < deadline, "step 5 never came");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    common::process::kill(child.id() as i32, 9);
+    child.wait().unwrap();
+    seen.extend(rx.try_iter());
+    assert!(
+        !seen.iter().any(|e| e["event"] == "checkpoint_saved" && e["step"] == 4),
+        "step 4 committed before the kill (the throttle is too weak): {seen:?}"
+    );
+    let store = open_store(&url, server.port);
+    assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000002"));
+
+    let out = s3_env(&mut kdmcse(), server.port)
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let resumed = common::process::events(&out.stdout, "resumed");
+    assert_eq!(resumed[0]["checkpoint"], "step-00000002", "{resumed:?}");
     assert_eq!(
         common::max_weight_diff(&common::checkpoint_weights(&store, "step-00000006"), &reference),
         0.0

@@ -128,10 +128,12 @@ fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
         assert!(front.lines().any(|l| l == line), "{line} in:\n{front}");
     }
     assert!(front.contains("- \"wiki_sample_10k.txt\"") && front.contains("- \"teacher\""), "{front}");
+    let origin = format!("checkpoint `step-00000002` of the run at `{}`", run.path().join("out").display());
     for needle in [
         "Objective: kdmcse",
         "filter: cosine, threshold 0.45",
-        "Steps: 2 (checkpoint `step-00000002`)",
+        "Steps: 2,",
+        origin.as_str(),
         "batch 8 per process",
         "cls pooling",
         "SentenceTransformer(",
@@ -354,4 +356,66 @@ fn progress_is_logged_off_a_terminal() {
     assert!(lines[1].contains("step 3/3 loss ") && lines[1].contains("eta 0s"), "{}", lines[1]);
     let out = train(&config, &["--resume", "none", "--overwrite", "--set", "output.log_every_s=-1"]);
     assert_fails_with(&out, &["output.log_every_s = -1"]);
+}
+
+/// TensorBoard's own reader (Python `tensorboard`, installed by scripts/install-test-deps.sh)
+/// reads the run's event files beside `metrics.jsonl`, and every scalar equals the metrics file's
+/// value (as f32). A run resumed from an earlier checkpoint writes a new event file whose start
+/// marker makes TensorBoard drop the steps it takes again: each step appears once.
+#[test]
+fn tensorboard_reads_the_scalars_of_metrics_jsonl_and_a_resume_replaces_retaken_steps() {
+    let run = tempfile::tempdir().unwrap();
+    let config = common::quick_config(run.path(), run.path().join("out").to_str().unwrap(), 8, 4);
+    assert_ok(&train(&config, &["--set", "train.eval_steps=4"]));
+    assert_ok(&train(&config, &["--set", "train.eval_steps=4", "--resume", "step-00000002"]));
+    let events = std::fs::read_dir(run.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents."))
+        .count();
+    assert_eq!(events, 2, "one event file per run");
+
+    const READ: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+acc.Reload()
+print(json.dumps({tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}))
+"#;
+    let out = std::process::Command::new("python3").args(["-c", READ]).arg(run.path()).output().unwrap();
+    assert_ok(&out);
+    let scalars: std::collections::BTreeMap<String, Vec<(u64, f32)>> =
+        serde_json::from_slice(&out.stdout).unwrap();
+
+    // The metrics file's last record of each step (the resumed run appended steps 3 and 4 again).
+    let mut records: std::collections::BTreeMap<(u64, bool), serde_json::Value> = Default::default();
+    for line in std::fs::read_to_string(run.path().join("metrics.jsonl")).unwrap().lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        let step = record["step"].as_u64().unwrap();
+        records.insert((step, record.get("stsb_dev").is_some()), record);
+    }
+    let expected = |key: &str, eval: bool| -> Vec<(u64, f32)> {
+        records
+            .iter()
+            .filter(|((_, e), r)| *e == eval && r.get(key).is_some_and(|v| !v.is_null()))
+            .map(|((step, _), r)| (*step, r[key].as_f64().unwrap() as f32))
+            .collect()
+    };
+    let share =
+        |r: &serde_json::Value| (r["comm_s"].as_f64().unwrap() / r["step_s"].as_f64().unwrap()) as f32;
+    for (tag, key) in [
+        ("train/loss", "loss"),
+        ("train/loss_text", "loss_text"),
+        ("train/loss_grounding", "loss_grounding"),
+        ("train/lr", "lr"),
+        ("train/grad_norm", "grad_norm"),
+        ("train/sentences_per_s", "sentences_per_s"),
+    ] {
+        assert_eq!(scalars[tag], expected(key, false), "{tag}");
+    }
+    let shares: Vec<(u64, f32)> =
+        records.iter().filter(|((_, e), _)| !e).map(|((s, _), r)| (*s, share(r))).collect();
+    assert_eq!(scalars["train/comm_share"], shares);
+    assert_eq!(scalars["train/loss"].iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(scalars["eval/stsb_dev"], expected("stsb_dev", true));
+    assert_eq!(scalars["eval/stsb_dev"].iter().map(|s| s.0).collect::<Vec<_>>(), [0, 4]);
 }

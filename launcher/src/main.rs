@@ -16,7 +16,7 @@ mod rendezvous;
 use std::io::{BufRead, BufReader, Write};
 use std::net::ToSocketAddrs;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,6 +67,10 @@ struct Args {
     /// How long to wait for the master's address to resolve (DNS of a starting pod).
     #[arg(long, default_value_t = 300)]
     master_wait_s: u64,
+    /// Also write each worker's output (stdout and stderr, unprefixed) to
+    /// `DIR/round-K/rank-R.log`, as torchrun's `--log-dir` with `--tee 3`.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
     /// Short form: run `kdmcse train --config FILE`.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -210,6 +214,23 @@ struct GroupEnv<'a> {
     store_port: u16,
     run_id: &'a str,
     round: u64,
+    log_dir: Option<&'a Path>,
+}
+
+/// A worker's log file, shared by the threads that copy its two streams.
+type LogFile = Arc<Mutex<std::fs::File>>;
+
+/// `DIR/round-K/rank-R.log` (appended: a restarted round keeps what came before).
+fn open_log(dir: &Path, round: u64, rank: usize) -> Result<LogFile> {
+    let dir = dir.join(format!("round-{round}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("rank-{rank}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(Arc::new(Mutex::new(file)))
 }
 
 fn spawn_group(plan: &Plan, env: &GroupEnv, worker_args: &[String]) -> Result<Vec<Child>> {
@@ -248,6 +269,13 @@ fn spawn_group(plan: &Plan, env: &GroupEnv, worker_args: &[String]) -> Result<Ve
                 Ok(())
             });
         }
+        let log = match env.log_dir.map(|dir| open_log(dir, env.round, rank)).transpose() {
+            Ok(log) => log,
+            Err(err) => {
+                stop_group(&mut children, Duration::from_secs(0));
+                return Err(err);
+            }
+        };
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(err) => {
@@ -258,16 +286,21 @@ fn spawn_group(plan: &Plan, env: &GroupEnv, worker_args: &[String]) -> Result<Ve
         };
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
-        std::thread::spawn(move || prefix_lines(out, rank, false));
-        std::thread::spawn(move || prefix_lines(err, rank, true));
+        let out_log = log.clone();
+        std::thread::spawn(move || prefix_lines(out, rank, false, out_log));
+        std::thread::spawn(move || prefix_lines(err, rank, true, log));
         children.push(child);
     }
     Ok(children)
 }
 
-fn prefix_lines(stream: impl std::io::Read, rank: usize, to_stderr: bool) {
+/// Copies a worker's stream line by line to ours with a rank prefix, and to its log file.
+fn prefix_lines(stream: impl std::io::Read, rank: usize, to_stderr: bool, log: Option<LogFile>) {
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
+        if let Some(log) = &log {
+            let _ = writeln!(log.lock().expect("log lock"), "{line}");
+        }
         if to_stderr {
             let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {line}");
         } else {
@@ -447,7 +480,13 @@ fn run(args: Args) -> Result<i32> {
         );
         // Every round after the first continues the run from its newest checkpoint.
         let worker_args = if round == 0 { plan.worker_args.clone() } else { resume_auto(&plan.worker_args) };
-        let env = GroupEnv { store_host: &store_host, store_port, run_id: &args.rdzv_id, round };
+        let env = GroupEnv {
+            store_host: &store_host,
+            store_port,
+            run_id: &args.rdzv_id,
+            round,
+            log_dir: args.log_dir.as_deref(),
+        };
         let mut children = spawn_group(&plan, &env, &worker_args)?;
         let mut round_ended = || match rdzv.ended(round) {
             Ok(ending) => ending,

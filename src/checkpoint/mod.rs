@@ -9,6 +9,7 @@
 //! at any point leaves at worst an unreferenced, unverifiable directory, never a corrupt resume.
 //! What a training checkpoint holds, part by part, is [`layout`]'s.
 
+pub mod background;
 pub mod layout;
 
 use std::collections::BTreeMap;

@@ -180,11 +180,15 @@ pub struct OutputConfig {
     #[serde(default)]
     pub metrics: Option<PathBuf>,
     /// Write checkpoints and export the best model; off only for throughput measurements.
-    #[serde(default = "default_save")]
+    #[serde(default = "default_true")]
     pub save: bool,
     /// Off a terminal, rank 0 logs a progress line this often (seconds; 0: every step).
     #[serde(default = "default_log_every_s")]
     pub log_every_s: f64,
+    /// Upload checkpoints in the background while training goes on (rank 0 copies the state to
+    /// host memory at the step; one upload in flight); off: every rank waits for the upload.
+    #[serde(default = "default_true")]
+    pub async_checkpoint: bool,
 }
 
 /// Liveness of the ranks of a distributed run (see `dist::watchdog`).
@@ -239,7 +243,7 @@ fn default_log_every_s() -> f64 {
 fn default_keep() -> usize {
     2
 }
-fn default_save() -> bool {
+fn default_true() -> bool {
     true
 }
 
@@ -369,10 +373,11 @@ impl TrainConfig {
 /// Keys a resumed run may change: they decide where and how often things are written and
 /// evaluated, not the weights a step computes (`model.path` may move; the architecture is checked
 /// on its own).
-pub const RESULT_NEUTRAL_KEYS: [&str; 11] = [
+pub const RESULT_NEUTRAL_KEYS: [&str; 12] = [
     "dist.heartbeat_s",
     "dist.peer_timeout_s",
     "model.path",
+    "output.async_checkpoint",
     "output.dir",
     "output.keep",
     "output.checkpoint_steps",

@@ -1,11 +1,13 @@
-//! What a run records: one JSON line per step and per evaluation in `metrics.jsonl`, and the
-//! progress bar on a terminal.
+//! What a run records: one JSON line per step and per evaluation in `metrics.jsonl`, the same
+//! scalars in a TensorBoard event file beside it, and progress (a bar on a terminal, log lines
+//! elsewhere).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use serde::Serialize;
 
 use super::batches::BatchKind;
@@ -13,6 +15,7 @@ use super::TrainConfig;
 use crate::checkpoint::{is_remote, CheckpointStore};
 use crate::dist::Communicator;
 use crate::loss::{scalar, LossTerms};
+use crate::tensorboard::EventWriter;
 
 /// One step's numbers, as written to the metrics file.
 #[derive(Debug, Clone, Serialize)]
@@ -116,12 +119,16 @@ impl StepMetrics {
 /// The metrics file's name under `output.dir`.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// The metrics file (rank 0 only; other ranks hold a closed log). It is written locally; under a
-/// remote `output.dir` without `output.metrics` it is also synced to `<output.dir>/metrics.jsonl`
-/// at every checkpoint and at the end, and a resumed run continues the store's copy.
+/// What a run records (rank 0 only; other ranks hold a closed log): `metrics.jsonl` and a
+/// TensorBoard event file beside it, both written locally. Under a remote `output.dir` without
+/// `output.metrics` the local files are copies: synced to `<output.dir>/` at every checkpoint and
+/// at the end, and a resumed run continues the store's `metrics.jsonl` (and starts an event file
+/// of its own).
 pub struct MetricsLog {
     file: Option<std::fs::File>,
     path: PathBuf,
+    /// Opened at the first record, whose step marks where this run's events start.
+    events: Option<EventWriter>,
     synced: bool,
 }
 
@@ -142,7 +149,7 @@ impl MetricsLog {
             }
         };
         if rank != 0 {
-            return Ok(Self { file: None, path, synced: false });
+            return Ok(Self { file: None, path, events: None, synced: false });
         }
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -157,20 +164,37 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        Ok(Self { file: Some(file), path, synced })
+        Ok(Self { file: Some(file), path, events: None, synced })
     }
 
-    /// Copies the file to the run's store when `output.dir` is remote.
+    /// The files to copy to the run's store now (name under `output.dir`, contents): the metrics
+    /// and this run's event file when `output.dir` is remote, else none.
+    pub fn snapshot(&self) -> Result<Vec<(String, Bytes)>> {
+        if self.file.is_none() || !self.synced {
+            return Ok(Vec::new());
+        }
+        let mut files = vec![self.path.as_path()];
+        files.extend(self.events.as_ref().map(EventWriter::path));
+        files
+            .into_iter()
+            .map(|path| {
+                let name = path.file_name().expect("a file").to_string_lossy().into_owned();
+                let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+                Ok((name, Bytes::from(data)))
+            })
+            .collect()
+    }
+
+    /// Copies the files to the run's store when `output.dir` is remote.
     pub fn sync(&self, store: &CheckpointStore) -> Result<()> {
-        if self.file.is_some() && self.synced {
-            let data =
-                std::fs::read(&self.path).with_context(|| format!("cannot read {}", self.path.display()))?;
-            store.put_file(METRICS_FILE, data.into())?;
+        for (name, data) in self.snapshot()? {
+            store.put_file(&name, data)?;
         }
         Ok(())
     }
 
-    /// Empties the file (a fresh start over a deleted run).
+    /// Empties the metrics file (a fresh start over a deleted run; the new event file's first
+    /// record makes TensorBoard drop the old ones' steps).
     pub fn clear(&mut self, store: &CheckpointStore) -> Result<()> {
         if let Some(file) = &mut self.file {
             file.set_len(0).context("cannot empty the metrics file")?;
@@ -178,7 +202,28 @@ impl MetricsLog {
         self.sync(store)
     }
 
-    pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
+    /// One step's record.
+    pub fn step(&mut self, m: &StepMetrics) -> Result<()> {
+        self.write(m)?;
+        let mut scalars = vec![
+            ("train/loss", m.loss),
+            ("train/loss_text", m.loss_text),
+            ("train/lr", m.lr),
+            ("train/grad_norm", m.grad_norm),
+            ("train/sentences_per_s", m.sentences_per_s),
+            ("train/comm_share", m.comm_s / m.step_s.max(f64::MIN_POSITIVE)),
+        ];
+        scalars.extend(m.loss_grounding.map(|g| ("train/loss_grounding", g)));
+        self.scalars(m.step, &scalars)
+    }
+
+    /// STS-B dev after `step` steps.
+    pub fn evaluation(&mut self, step: u64, stsb_dev: f64) -> Result<()> {
+        self.write(&serde_json::json!({"step": step, "stsb_dev": stsb_dev}))?;
+        self.scalars(step, &[("eval/stsb_dev", stsb_dev)])
+    }
+
+    fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
         if let Some(file) = &mut self.file {
             serde_json::to_writer(&mut *file, record)?;
             file.write_all(b"\n")?;
@@ -186,10 +231,25 @@ impl MetricsLog {
         }
         Ok(())
     }
+
+    fn scalars(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
+        if self.file.is_none() {
+            return Ok(());
+        }
+        let events = match &mut self.events {
+            Some(events) => events,
+            None => {
+                let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
+                self.events.insert(EventWriter::create(dir, step)?)
+            }
+        };
+        events.scalars(step, scalars)
+    }
 }
 
 /// Training progress on rank 0: a bar on a terminal; elsewhere (under `kdmcse-launch`, in a pod)
-/// one log line every `log_every_s` seconds and at the last step. Other ranks show nothing.
+/// one log line every `log_every_s` seconds, at every evaluation and at the last step. Other ranks
+/// show nothing.
 pub enum Progress {
     Bar(indicatif::ProgressBar),
     Lines { every: Duration, last: Option<Instant>, started: Instant, start_step: u64, total: u64 },
@@ -215,22 +275,25 @@ impl Progress {
         Self::Bar(bar)
     }
 
-    /// After step `m`.
-    pub fn step(&mut self, m: &StepMetrics) {
+    /// After step `m` (and its evaluation, if it had one: a line is always logged then).
+    pub fn step(&mut self, m: &StepMetrics, stsb_dev: Option<f64>) {
+        let dev = stsb_dev.map_or_else(String::new, |d| format!(", STS-B dev {d:.2}"));
         match self {
             Self::Bar(bar) => {
                 bar.set_position(m.step);
-                bar.set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
+                bar.set_message(format!("loss {:.4} lr {:.2e}{dev}", m.loss, m.lr));
             }
             Self::Lines { every, last, started, start_step, total } => {
-                if m.step < *total && last.is_some_and(|at| at.elapsed() < *every) {
+                let due =
+                    m.step == *total || stsb_dev.is_some() || last.is_none_or(|at| at.elapsed() >= *every);
+                if !due {
                     return;
                 }
                 *last = Some(Instant::now());
                 let per_step = started.elapsed().as_secs_f64() / (m.step - *start_step).max(1) as f64;
                 let eta = per_step * total.saturating_sub(m.step) as f64;
                 tracing::info!(
-                    "step {}/{} loss {:.4} lr {:.2e} {:.1} sentences/s, {:.0}% in collectives, eta {}",
+                    "step {}/{} loss {:.4} lr {:.2e} {:.1} sentences/s, {:.0}% in collectives, eta {}{dev}",
                     m.step,
                     total,
                     m.loss,

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::background::{Job, Uploads};
 use crate::checkpoint::layout::{self, ENCODER_CONFIG, MODEL, OPTIMIZER, STATE};
 use crate::checkpoint::{Checkpoint, CheckpointStore, Pointer};
 use crate::data::Tokenizer;
@@ -165,6 +166,8 @@ pub struct Trainer<'c> {
     /// Parts every checkpoint carries unchanged (encoder config, tokenizer, pooler).
     static_parts: BTreeMap<String, Bytes>,
     metrics: MetricsLog,
+    /// Rank 0's background checkpoint uploads (`output.async_checkpoint`).
+    uploads: Option<Uploads>,
     pub state: TrainerState,
 }
 
@@ -214,6 +217,8 @@ impl<'c> Trainer<'c> {
         let store = CheckpointStore::open(&cfg.output.dir)?;
         let static_parts = layout::static_parts(model_dir, &encoder_config)?;
         let metrics = MetricsLog::open(&cfg, comm.rank(), &store)?;
+        let background = comm.rank() == 0 && cfg.output.async_checkpoint && cfg.output.save;
+        let uploads = if background { Some(Uploads::open(&cfg.output.dir)?) } else { None };
         let state = TrainerState {
             step: 0,
             data: DataPosition::default(),
@@ -221,7 +226,20 @@ impl<'c> Trainer<'c> {
             best_step: None,
             world_size: comm.world_size(),
         };
-        Ok(Self { cfg, comm, device, student, optimizer, plan, dev, store, static_parts, metrics, state })
+        Ok(Self {
+            cfg,
+            comm,
+            device,
+            student,
+            optimizer,
+            plan,
+            dev,
+            store,
+            static_parts,
+            metrics,
+            uploads,
+            state,
+        })
     }
 
     /// The total number of optimiser steps of this run.
@@ -567,9 +585,10 @@ impl<'c> Trainer<'c> {
     }
 
     /// Writes a checkpoint of the current state: every rank's state reaches rank 0 through the
-    /// collectives (and must agree), rank 0 writes, and everyone waits at a barrier so nobody
-    /// races ahead of a half-written checkpoint.
-    pub fn save_checkpoint(&self) -> Result<Option<String>> {
+    /// collectives (and must agree), and rank 0 copies the state into an upload job. With
+    /// `output.async_checkpoint` the job runs in the background while training goes on (its
+    /// failure surfaces at a later step); without, it runs now and every rank waits at a barrier.
+    pub fn save_checkpoint(&mut self) -> Result<()> {
         let mine = serde_json::to_vec(&self.state)?;
         let states = self.comm.all_gather_bytes(&mine)?;
         if let Some(rank) = states.iter().position(|s| *s != mine) {
@@ -581,37 +600,57 @@ impl<'c> Trainer<'c> {
                 String::from_utf8_lossy(&mine)
             );
         }
-        let mut name = None;
         if self.comm.rank() == 0 {
-            let weights = self.student.weights();
-            if let Some(bad) = first_non_finite(&weights)? {
-                return Err(InputError::wrap(anyhow::anyhow!(
-                    "training diverged by step {}: weight {bad} is not finite; no checkpoint was written \
-                     (lower train.lr, keep train.grad_clip on)",
-                    self.state.step
-                )));
+            let job = self.checkpoint_job()?;
+            match &mut self.uploads {
+                Some(uploads) => uploads.start(job)?,
+                None => job(&self.store)?,
             }
-            let mut all = self.static_parts.clone();
-            all.insert(MODEL.into(), layout::safetensors_bytes(&weights)?);
-            all.insert(OPTIMIZER.into(), layout::safetensors_bytes(&self.optimizer.state()?)?);
-            all.insert(STATE.into(), Bytes::from(serde_json::to_vec_pretty(&self.state)?));
-            all.insert(layout::CONFIG.into(), Bytes::from(self.cfg.to_toml()));
-            crate::events::emit("checkpoint_writing", serde_json::json!({"step": self.state.step}));
-            let saved = self.store.save(self.state.step, &all)?;
-            if self.state.best_step == Some(self.state.step) {
-                self.store.set_pointer(Pointer::Best, &saved)?;
+        }
+        if !self.cfg.output.async_checkpoint {
+            self.comm.barrier()?;
+        }
+        Ok(())
+    }
+
+    /// The upload of a checkpoint of the current state (copied to host memory now): the commit
+    /// protocol, the `best` pointer, retention (after the commit), the metrics files.
+    fn checkpoint_job(&self) -> Result<Job> {
+        let weights = self.student.weights();
+        if let Some(bad) = first_non_finite(&weights)? {
+            return Err(InputError::wrap(anyhow::anyhow!(
+                "training diverged by step {}: weight {bad} is not finite; no checkpoint was written \
+                 (lower train.lr, keep train.grad_clip on)",
+                self.state.step
+            )));
+        }
+        let mut parts = self.static_parts.clone();
+        parts.insert(MODEL.into(), layout::safetensors_bytes(&weights)?);
+        parts.insert(OPTIMIZER.into(), layout::safetensors_bytes(&self.optimizer.state()?)?);
+        parts.insert(STATE.into(), Bytes::from(serde_json::to_vec_pretty(&self.state)?));
+        parts.insert(layout::CONFIG.into(), Bytes::from(self.cfg.to_toml()));
+        let metrics = self.metrics.snapshot()?;
+        let (step, keep) = (self.state.step, self.cfg.output.keep);
+        let best = self.state.best_step == Some(step);
+        Ok(Box::new(move |store: &CheckpointStore| {
+            crate::events::emit("checkpoint_writing", serde_json::json!({"step": step}));
+            let started = Instant::now();
+            let saved = store.save(step, &parts)?;
+            if best {
+                store.set_pointer(Pointer::Best, &saved)?;
             }
-            let deleted = self.store.retain(self.cfg.output.keep)?;
-            self.metrics.sync(&self.store)?;
-            tracing::info!(checkpoint = %saved, deleted = deleted.len(), "checkpoint saved");
+            let deleted = store.retain(keep)?;
+            for (name, data) in metrics {
+                store.put_file(&name, data)?;
+            }
+            let upload_s = started.elapsed().as_secs_f64();
+            tracing::info!(checkpoint = %saved, deleted = deleted.len(), upload_s, "checkpoint saved");
             crate::events::emit(
                 "checkpoint_saved",
-                serde_json::json!({"checkpoint": saved, "step": self.state.step}),
+                serde_json::json!({"checkpoint": saved, "step": step, "upload_s": upload_s}),
             );
-            name = Some(saved);
-        }
-        self.comm.barrier()?;
-        Ok(name)
+            Ok(())
+        }))
     }
 
     /// After a failure of a distributed run: this rank's flight record (its last collectives)
@@ -673,7 +712,7 @@ impl<'c> Trainer<'c> {
             self.state.best_score = Some(score);
             self.state.best_step = Some(step);
         }
-        self.metrics.write(&serde_json::json!({"step": step, "stsb_dev": score}))?;
+        self.metrics.evaluation(step, score)?;
         Ok(Some((score, new_best)))
     }
 
@@ -684,7 +723,7 @@ impl<'c> Trainer<'c> {
         }
         let score = self.evaluate_everywhere()?;
         tracing::info!(stsb_dev = score, "before training");
-        self.metrics.write(&serde_json::json!({"step": 0, "stsb_dev": score}))?;
+        self.metrics.evaluation(0, score)?;
         Ok(Some(score))
     }
 
@@ -713,9 +752,11 @@ impl<'c> Trainer<'c> {
         let (mut final_dev, mut outcome) = (None, Outcome::Finished);
         while self.state.step < total {
             crate::dist::flight::set_step(self.state.step + 1);
+            if let Some(uploads) = &mut self.uploads {
+                uploads.check()?;
+            }
             let m = self.step()?;
-            self.metrics.write(&m)?;
-            bar.step(&m);
+            self.metrics.step(&m)?;
             let step = self.state.step;
             let done = step == total;
             let evaluated = self.evaluate_if_due(done)?;
@@ -724,6 +765,7 @@ impl<'c> Trainer<'c> {
                 let best = self.state.best_score;
                 bar.suspend(|| tracing::info!(step, stsb_dev = score, best = ?best, "evaluated"));
             }
+            bar.step(&m, evaluated.map(|(score, _)| score));
             let stop = self.stop_reason(stop_after)?;
             let every = self.cfg.output.checkpoint_steps as u64;
             let new_best = evaluated.is_some_and(|(_, best)| best);
@@ -738,6 +780,9 @@ impl<'c> Trainer<'c> {
             }
         }
         bar.finish();
+        if let Some(uploads) = &mut self.uploads {
+            uploads.wait()?;
+        }
         let seconds = started.elapsed().as_secs_f64();
         let steps = self.state.step - start_step;
         if rank == 0 && outcome == Outcome::Finished && self.cfg.output.save {
