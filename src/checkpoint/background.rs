@@ -29,7 +29,10 @@ impl Uploads {
     pub fn start(&mut self, job: Job) -> Result<()> {
         self.wait()?;
         let store = Arc::clone(&self.store);
-        let thread = std::thread::Builder::new().name("kdmcse-upload".into()).spawn(move || job(&store))?;
+        let thread = std::thread::Builder::new().name("kdmcse-upload".into()).spawn(move || {
+            lower_this_threads_priority();
+            job(&store)
+        })?;
         self.in_flight = Some(thread);
         Ok(())
     }
@@ -54,6 +57,17 @@ impl Uploads {
                 .context("the background checkpoint upload failed"),
         }
     }
+}
+
+/// How much the upload thread yields to training (Linux nice, 0-19).
+const UPLOAD_NICENESS: libc::c_int = 10;
+
+/// Lets training threads win the CPU over the upload: hashing and sending a checkpoint must not
+/// slow the steps it overlaps (on Linux a thread has a nice value of its own).
+fn lower_this_threads_priority() {
+    // SAFETY: gettid and setpriority on this thread's id have no memory effects; a failure
+    // leaves the thread as it was.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, UPLOAD_NICENESS) };
 }
 
 impl Drop for Uploads {
