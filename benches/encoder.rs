@@ -12,7 +12,7 @@ use kdmcse::eval::{load_task, Task};
 use kdmcse::loss::Objective;
 use kdmcse::model::{dropout::example_key, dropout::Dropout, Pooling};
 use kdmcse::train::batches::{BatchKind, TwoViewBatch};
-use kdmcse::train::student::Student;
+use kdmcse::train::student::{HeadsSpec, Student};
 
 #[global_allocator]
 static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
@@ -47,7 +47,13 @@ fn main() -> anyhow::Result<()> {
     // One training step: wiki sentences, 64 x 2 views, max_len 32, SimCSE loss, fwd + bwd.
     let wiki = std::fs::read_to_string(shared.join("data/wiki/wiki1m_head_11913.txt"))?;
     let batch_sentences: Vec<&str> = wiki.lines().take(64).collect();
-    let student = Student::load(&model_dir, Pooling::Cls, 256, 768, 1234, DType::F32, &device)?;
+    let student = Student::load(
+        &model_dir,
+        Pooling::Cls,
+        HeadsSpec { proj_dim: 256, teacher_dim: 768, init: Default::default(), seed: 1234 },
+        DType::F32,
+        &device,
+    )?;
     let tokenizer = Tokenizer::from_dir(&model_dir, 32, 0)?;
     let encoded = tokenizer.encode(&batch_sentences)?;
     // Both views in one forward pass: rows 0..64 view 0, rows 64..128 view 1.

@@ -13,7 +13,7 @@ use crate::data::{TokenBatch, Tokenizer};
 use crate::dist::{self, Communicator};
 use crate::model::dropout::{example_key, Dropout, Site};
 use crate::model::{self, Pooling};
-use crate::train::student::Student;
+use crate::train::student::{HeadsSpec, Student};
 
 /// Head sizes of the student the encoder check builds (its heads take no part in the check).
 const CHECK_PROJ_DIM: usize = 256;
@@ -246,8 +246,13 @@ pub fn encoder(dir: &Path, device: &Device, compute: DType, report: Report) -> R
     );
     let probe = Tensor::randn(0f32, 1.0, (sentences.len(), config.hidden_size), &Device::Cpu)?;
     let run = |device: &Device| -> Result<(Tensor, Vec<(String, Tensor)>)> {
-        let student =
-            Student::load(dir, Pooling::Cls, CHECK_PROJ_DIM, CHECK_TEACHER_DIM, 0, compute, device)?;
+        let heads = HeadsSpec {
+            proj_dim: CHECK_PROJ_DIM,
+            teacher_dim: CHECK_TEACHER_DIM,
+            init: Default::default(),
+            seed: 0,
+        };
+        let student = Student::load(dir, Pooling::Cls, heads, compute, device)?;
         let batch: TokenBatch = tokenizer.batch(&sentences, device)?;
         let cls = student.encoder.embed(&batch, &dropout, Pooling::Cls)?;
         let grads = (&cls * probe.to_device(device)?)?.sum_all()?.backward()?;

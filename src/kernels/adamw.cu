@@ -10,10 +10,10 @@ extern "C" __global__ void adamw_moment(float *x, const float *g, unsigned int n
     }
 }
 
-// p = decay * p - step * m / (sqrt(v / bc2) + eps).
+// p = after * (before * p - step * m / (sqrt(v / bc2) + eps)).
 extern "C" __global__ void adamw_update(float *p, const float *m, const float *v, unsigned int n,
-                                        float step, float bc2, float eps, float decay) {
+                                        float step, float bc2, float eps, float before, float after) {
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        p[i] = decay * p[i] - step * m[i] / (sqrtf(v[i] / bc2) + eps);
+        p[i] = after * (before * p[i] - step * m[i] / (sqrtf(v[i] / bc2) + eps));
     }
 }

@@ -61,13 +61,23 @@ impl InplaceOp2 for Lerp {
     }
 }
 
-/// `p = decay * p - step_size * m / (sqrt(v / bias_correction2) + eps)`, in place.
+/// `p = decay_after * (decay_before * p - step_size * m / (sqrt(v / bias_correction2) + eps))`,
+/// in place: PyTorch's AdamW decays before the step, transformers' after it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AdamUpdate {
     pub(crate) step_size: f64,
     pub(crate) bias_correction2: f64,
     pub(crate) eps: f64,
-    pub(crate) decay: f64,
+    pub(crate) decay_before: f64,
+    pub(crate) decay_after: f64,
+}
+
+impl AdamUpdate {
+    /// The kernels' f32 constants: step size, bias correction 2, eps, decay before and after.
+    fn constants(&self) -> [f32; 5] {
+        [self.step_size, self.bias_correction2, self.eps, self.decay_before, self.decay_after]
+            .map(|c| c as f32)
+    }
 }
 
 impl InplaceOp3 for AdamUpdate {
@@ -86,11 +96,10 @@ impl InplaceOp3 for AdamUpdate {
     ) -> candle_core::Result<()> {
         let name = self.name();
         let (p, m, v) = (cpu_f32_mut(s1, l1, name)?, cpu_f32(s2, l2, name)?, cpu_f32(s3, l3, name)?);
-        let (step, bc2, eps, decay) =
-            (self.step_size as f32, self.bias_correction2 as f32, self.eps as f32, self.decay as f32);
+        let [step, bc2, eps, before, after] = self.constants();
         p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
             for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                *p = decay * *p - step * m / ((v / bc2).sqrt() + eps);
+                *p = after * (before * *p - step * m / ((v / bc2).sqrt() + eps));
             }
         });
         Ok(())
@@ -113,10 +122,9 @@ impl InplaceOp3 for AdamUpdate {
         let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(rp);
         let m = s2.as_cuda_slice::<f32>()?.slice(rm);
         let v = s3.as_cuda_slice::<f32>()?.slice(rv);
-        let (step, bc2, eps, decay) =
-            (self.step_size as f32, self.bias_correction2 as f32, self.eps as f32, self.decay as f32);
+        let [step, bc2, eps, before, after] = self.constants();
         let mut args = kernel.args();
-        args.arg(&mut p).arg(&m).arg(&v).arg(&n).arg(&step).arg(&bc2).arg(&eps).arg(&decay);
+        args.arg(&mut p).arg(&m).arg(&v).arg(&n).arg(&step).arg(&bc2).arg(&eps).arg(&before).arg(&after);
         // SAFETY: the arguments follow adamw.cu's adamw_update; all ranges hold n elements.
         unsafe { kernel.launch(args, cuda::elementwise(n as usize)) }
     }
@@ -139,7 +147,8 @@ mod tests {
 static void print(const std::vector<float> &xs) {
     for (float f : xs) { unsigned u; memcpy(&u, &f, 4); printf("%u\n", u); }
 }
-// argv: n, then p, m, v, g (n each), then keep1, take1, keep2, take2, step, bc2, eps, decay.
+// argv: n, then p, m, v, g (n each), then keep1, take1, keep2, take2, step, bc2, eps, decay
+// before, decay after.
 int main(int argc, char **argv) {
     unsigned n = atoi(argv[1]);
     std::vector<float> p(n), m(n), v(n), g(n);
@@ -153,7 +162,7 @@ int main(int argc, char **argv) {
     launch(grid, ELEMENTWISE_THREADS, [&] { adamw_moment(mp, gp, n, arg(h[0]), arg(h[1]), 0); });
     launch(grid, ELEMENTWISE_THREADS, [&] { adamw_moment(vp, gp, n, arg(h[2]), arg(h[3]), 1); });
     launch(grid, ELEMENTWISE_THREADS,
-           [&] { adamw_update(pp, mp, vp, n, arg(h[4]), arg(h[5]), arg(h[6]), arg(h[7])); });
+           [&] { adamw_update(pp, mp, vp, n, arg(h[4]), arg(h[5]), arg(h[6]), arg(h[7]), arg(h[8])); });
     print(p); print(m); print(v);
 }"#,
         );
@@ -169,7 +178,8 @@ int main(int argc, char **argv) {
             step_size: 3e-5 / (1.0 - 0.9f64.powi(3)),
             bias_correction2: 1.0 - 0.999f64.powi(3),
             eps: 1e-8,
-            decay: 1.0 - 3e-5 * 0.01,
+            decay_before: 1.0 - 3e-5 * 0.01,
+            decay_after: 1.0 - 3e-5 * 0.02,
         };
         let consts = [
             0.9,
@@ -179,7 +189,8 @@ int main(int argc, char **argv) {
             update.step_size,
             update.bias_correction2,
             update.eps,
-            update.decay,
+            update.decay_before,
+            update.decay_after,
         ];
         let args: Vec<String> = std::iter::once(n.to_string())
             .chain([&p, &m, &v, &g].into_iter().flatten().map(|x| x.to_bits().to_string()))

@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::config::StepsPerEpoch;
 use super::TrainConfig;
 use crate::data::{sampler, Cursor, Encoded, PairedCorpus, Sampler, TextCorpus, TokenBatch, Tokenizer};
 use crate::model::dropout::{example_key, Dropout};
@@ -98,6 +99,9 @@ pub struct BatchPlan {
     paired_sampler: Option<Sampler>,
     /// One paired batch every this many micro-steps (none without a paired corpus).
     paired_every: Option<u64>,
+    /// Micro-steps per epoch when paired steps are counted from 0 in each epoch (`text+paired`);
+    /// `None`: one count over the whole run (`text`).
+    epoch_of: Option<u64>,
     global_batch: usize,
     tokenizer: Tokenizer,
     seed: u64,
@@ -139,12 +143,19 @@ impl BatchPlan {
             }),
         };
         let paired_sampler = paired.as_ref().map(|p| Sampler::new(p.len(), seed, PAIRED_STREAM));
+        let text_batches = text_sampler.batches_per_epoch(global_batch);
+        let paired_batches = paired_sampler.as_ref().map_or(0, |p| p.batches_per_epoch(global_batch));
+        let epoch_of = match cfg.train.steps_per_epoch {
+            StepsPerEpoch::Text => None,
+            StepsPerEpoch::TextPlusPaired => Some((text_batches + paired_batches) as u64),
+        };
         Ok(Self {
             text,
             paired,
             text_sampler,
             paired_sampler,
             paired_every,
+            epoch_of,
             global_batch,
             tokenizer,
             seed,
@@ -164,16 +175,20 @@ impl BatchPlan {
         self.global_batch
     }
 
-    /// Text batches in one epoch of the text corpus.
-    pub fn text_batches_per_epoch(&self) -> usize {
-        self.text_sampler.batches_per_epoch(self.global_batch)
+    /// Micro-steps in one epoch: the text corpus's batches (`text`), or those and the paired
+    /// corpus's (`text+paired`).
+    pub fn micro_steps_per_epoch(&self) -> usize {
+        match self.epoch_of {
+            Some(n) => n as usize,
+            None => self.text_sampler.batches_per_epoch(self.global_batch),
+        }
     }
 
-    fn kind_at(&self, micro_step: u64) -> BatchKind {
-        match self.paired_every {
-            Some(every) if micro_step % every == every - 1 => BatchKind::Paired,
-            _ => BatchKind::Text,
-        }
+    /// Text or paired at `micro_step`: with `text`, the last of every `paired_every` steps of the
+    /// run; with `text+paired`, the official code's rule, every step of an epoch (counted from 0)
+    /// divisible by `paired_every`.
+    pub fn kind_at(&self, micro_step: u64) -> BatchKind {
+        kind_at(micro_step, self.paired_every, self.epoch_of)
     }
 
     /// This rank's share of the next global batch, advancing `position` by one micro-step.
@@ -220,6 +235,21 @@ impl BatchPlan {
     }
 }
 
+/// The batch kind at `micro_step` with a paired batch every `paired_every` micro-steps, counted
+/// over the run, or from 0 in each epoch of `epoch` micro-steps.
+fn kind_at(micro_step: u64, paired_every: Option<u64>, epoch: Option<u64>) -> BatchKind {
+    let paired = match (paired_every, epoch) {
+        (None, _) => false,
+        (Some(every), None) => micro_step % every == every - 1,
+        (Some(every), Some(epoch)) => (micro_step % epoch).is_multiple_of(every),
+    };
+    if paired {
+        BatchKind::Paired
+    } else {
+        BatchKind::Text
+    }
+}
+
 /// The reference's mixing rule: one paired batch every `text batches // paired batches`.
 fn reference_mixing(text: &Sampler, paired_len: usize, global_batch: usize) -> Result<u64> {
     let every = text.batches_per_epoch(global_batch) / (paired_len / global_batch).max(1);
@@ -227,4 +257,39 @@ fn reference_mixing(text: &Sampler, paired_len: usize, global_batch: usize) -> R
         bail!("the reference mixing rule (text batches // paired batches) gives 0 for this data: set data.paired_every");
     }
     Ok(every as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `text+paired` against the official loop (train_mix.py): an epoch of text batches + paired
+    /// batches steps, `paired_sample_step = text // paired`, a paired batch where
+    /// `step % paired_sample_step == 0` with `step` counted from 0 in each epoch. A corpus of 1000
+    /// sentences and 300 captions in batches of 50 (whole batches: the official loaders keep a
+    /// last partial batch, kdmcse drops it): 20 + 6 = 26 steps an epoch, every 3rd from 0 paired.
+    #[test]
+    fn text_plus_paired_places_paired_steps_as_the_official_loop() {
+        let sampler = Sampler::new(1000, 1, TEXT_STREAM);
+        let every = reference_mixing(&sampler, 300, 50).unwrap();
+        assert_eq!(every, 20 / 6);
+        let (text, paired) = (20u64, 6u64);
+        let mut official = Vec::new();
+        for _epoch in 0..3 {
+            for step in 0..text + paired {
+                official.push(step % every == 0);
+            }
+        }
+        let ours: Vec<bool> = (0..official.len() as u64)
+            .map(|s| kind_at(s, Some(every), Some(text + paired)) == BatchKind::Paired)
+            .collect();
+        assert_eq!(ours, official);
+        // 9 of an epoch's 26 steps are paired (0, 3, ..., 24), not 6: the official loop's count.
+        assert_eq!(official[..26].iter().filter(|&&p| p).count(), 9);
+        // `text`: the last of every `every` steps, never reset.
+        let text_rule: Vec<u64> =
+            (0..12).filter(|&s| kind_at(s, Some(3), None) == BatchKind::Paired).collect();
+        assert_eq!(text_rule, [2, 5, 8, 11]);
+        assert!((0..10).all(|s| kind_at(s, None, Some(26)) == BatchKind::Text));
+    }
 }

@@ -39,6 +39,20 @@ pub struct ModelConfig {
     /// Tokens per training sentence, special tokens included.
     #[serde(default = "default_max_len")]
     pub max_len: usize,
+    /// How the four heads start: `"all_normal"` (each N(0, 0.02), bias 0) or `"mlp_normal"` (the
+    /// MLP head so, the grounding, image and caption heads as PyTorch's `nn.Linear`: the official
+    /// code's).
+    #[serde(default)]
+    pub head_init: HeadInit,
+}
+
+/// The heads' initialisation (`model.head_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadInit {
+    #[default]
+    AllNormal,
+    MlpNormal,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +94,19 @@ pub struct TrainingConfig {
     pub weight_decay: f64,
     pub betas: [f64; 2],
     pub eps: f64,
+    /// `"adamw"` (`torch.optim.AdamW`) or `"transformers_adamw"` (`transformers.AdamW` of
+    /// transformers 4.x, the official code's: eps added to sqrt(v), the bias corrections folded
+    /// into the step size, weight decay after the update).
+    pub optimizer: Optimizer,
+    /// What an epoch is, for `epochs`, the schedule and the paired steps: `"text"` (one pass
+    /// over the text corpus, paired steps among them) or `"text+paired"` (text batches plus
+    /// paired batches, the official code's: a paired step at every step of the epoch divisible
+    /// by text batches // paired batches, counted from 0 in each epoch).
+    pub steps_per_epoch: StepsPerEpoch,
+    /// Update parameters that got no gradient in a step (the grounding, image and caption heads on
+    /// text steps) as if it were zero, once they have had one: PyTorch 1.7's `zero_grad()` left
+    /// zeros, so the official code's AdamW moved them on every step.
+    pub update_idle_params: bool,
     /// Global gradient-norm clip; 0 disables.
     pub grad_clip: f64,
     /// Micro-batches per optimiser step (each its own contrastive batch).
@@ -96,6 +123,25 @@ pub struct TrainingConfig {
     /// Time forward, backward and update separately in the metrics (`phases`); on a GPU this
     /// waits for the device between them, which costs a little.
     pub phase_timings: bool,
+}
+
+/// The optimiser's update formula (`train.optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    #[default]
+    Adamw,
+    TransformersAdamw,
+}
+
+/// What an epoch of training is (`train.steps_per_epoch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum StepsPerEpoch {
+    #[default]
+    #[serde(rename = "text")]
+    Text,
+    #[serde(rename = "text+paired")]
+    TextPlusPaired,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +200,9 @@ impl Default for TrainingConfig {
             weight_decay: 0.0,
             betas: [0.9, 0.999],
             eps: 1e-8,
+            optimizer: Optimizer::Adamw,
+            steps_per_epoch: StepsPerEpoch::Text,
+            update_idle_params: false,
             grad_clip: 1.0,
             grad_accum: 1,
             eval_steps: 125,

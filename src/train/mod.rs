@@ -35,7 +35,7 @@ use batches::{BatchPlan, DataPosition, TwoViewBatch};
 pub use config::{Precision, TrainConfig};
 use metrics::{MetricsLog, MicroMetrics, Phases, PoolLoss, Progress, StepMetrics};
 use optim::{AdamW, AdamWConfig};
-use student::{Embeddings, Student};
+use student::{Embeddings, HeadsSpec, Student};
 
 /// Sentences per forward pass when evaluating STS-B dev.
 const EVAL_BATCH: usize = 128;
@@ -195,18 +195,23 @@ impl<'c> Trainer<'c> {
         }
         // A process-wide cuBLAS switch (a no-op without CUDA).
         candle_core::cuda::set_gemm_reduced_precision_f32(t.tf32);
-        let student = Student::load(
-            model_dir,
-            cfg.model.pooling,
-            cfg.model.proj_dim,
-            plan.teacher_dim(),
-            t.seed,
-            t.precision.compute_dtype(),
-            &device,
-        )?;
+        let heads = HeadsSpec {
+            proj_dim: cfg.model.proj_dim,
+            teacher_dim: plan.teacher_dim(),
+            init: cfg.model.head_init,
+            seed: t.seed,
+        };
+        let student =
+            Student::load(model_dir, cfg.model.pooling, heads, t.precision.compute_dtype(), &device)?;
         let optimizer = AdamW::new(
             student.params(),
-            AdamWConfig { betas: t.betas, eps: t.eps, weight_decay: t.weight_decay },
+            AdamWConfig {
+                betas: t.betas,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+                formula: t.optimizer,
+                update_idle: t.update_idle_params,
+            },
         )?;
         // Identical initial weights everywhere: rank 0's.
         if comm.world_size() > 1 {
@@ -242,13 +247,14 @@ impl<'c> Trainer<'c> {
         })
     }
 
-    /// The total number of optimiser steps of this run.
+    /// The total number of optimiser steps of this run: `max_steps`, else `epochs` epochs of
+    /// `train.steps_per_epoch`'s micro-steps.
     pub fn total_steps(&self) -> u64 {
         let t = &self.cfg.train;
         if t.max_steps > 0 {
             return t.max_steps as u64;
         }
-        (t.epochs * self.plan.text_batches_per_epoch() / t.grad_accum) as u64
+        (t.epochs * self.plan.micro_steps_per_epoch() / t.grad_accum) as u64
     }
 
     /// Every trainable tensor by name.

@@ -1,11 +1,13 @@
-//! AdamW (decoupled weight decay, per-parameter bias correction, as `torch.optim.AdamW`), the
-//! linear learning-rate schedule with warm-up, and global gradient-norm clipping.
+//! AdamW (decoupled weight decay, per-parameter bias correction) in the formula of
+//! `torch.optim.AdamW` or of `transformers.AdamW` (4.x), the linear learning-rate schedule with
+//! warm-up, and global gradient-norm clipping.
 
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
+use super::config::Optimizer;
 use crate::ops::{AdamUpdate, Lerp};
 
 #[derive(Debug, Clone, Copy)]
@@ -13,10 +15,41 @@ pub struct AdamWConfig {
     pub betas: [f64; 2],
     pub eps: f64,
     pub weight_decay: f64,
+    pub formula: Optimizer,
+    /// A parameter without a gradient in a step (after its first) is updated as if it were zero.
+    pub update_idle: bool,
+}
+
+impl AdamWConfig {
+    /// The parameter update at a parameter's `t`-th step with learning rate `lr`.
+    fn update(&self, t: i32, lr: f64, decay: bool) -> AdamUpdate {
+        let [b1, b2] = self.betas;
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let decayed = if decay { 1.0 - lr * self.weight_decay } else { 1.0 };
+        match self.formula {
+            // p = p (1 - lr wd) - lr / bc1 * m / (sqrt(v / bc2) + eps)
+            Optimizer::Adamw => AdamUpdate {
+                step_size: lr / bc1,
+                bias_correction2: bc2,
+                eps: self.eps,
+                decay_before: decayed,
+                decay_after: 1.0,
+            },
+            // p = (p - lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps)) (1 - lr wd)
+            Optimizer::TransformersAdamw => AdamUpdate {
+                step_size: lr * bc2.sqrt() / bc1,
+                bias_correction2: 1.0,
+                eps: self.eps,
+                decay_before: 1.0,
+                decay_after: decayed,
+            },
+        }
+    }
 }
 
 /// One parameter with its moments and its own step count (a parameter that got no gradient in a
-/// step, like the grounding heads on text batches, is not updated and does not count the step).
+/// step, like the grounding heads on text batches, is not updated and does not count the step,
+/// unless `update_idle` says so and it has had a gradient before).
 struct Slot {
     name: String,
     var: Var,
@@ -52,20 +85,18 @@ impl AdamW {
         self.slots.iter().map(|s| (s.name.as_str(), &s.var))
     }
 
-    /// Updates every parameter that has a gradient (`grads` in [`Self::params`] order).
+    /// Updates every parameter that has a gradient (`grads` in [`Self::params`] order), and with
+    /// `update_idle` every other one that has had one before.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         let [b1, b2] = self.config.betas;
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
-            let Some(g) = grad else { continue };
-            slot.steps += 1;
-            let t = slot.steps as i32;
-            let decay = if slot.decay { 1.0 - lr * self.config.weight_decay } else { 1.0 };
-            let update = AdamUpdate {
-                step_size: lr / (1.0 - b1.powi(t)),
-                bias_correction2: 1.0 - b2.powi(t),
-                eps: self.config.eps,
-                decay,
+            let g = match grad {
+                Some(g) => g.clone(),
+                None if self.config.update_idle && slot.steps > 0 => slot.var.zeros_like()?,
+                None => continue,
             };
+            slot.steps += 1;
+            let update = self.config.update(slot.steps as i32, lr, slot.decay);
             let device = slot.var.device();
             let fused = (device.is_cpu() || device.is_cuda()) && slot.var.dtype() == DType::F32;
             if fused {
@@ -75,12 +106,12 @@ impl AdamW {
                 slot.v.as_tensor().inplace_op2(&g, &Lerp { keep: b2, square: true })?;
                 slot.var.as_tensor().inplace_op3(slot.m.as_tensor(), slot.v.as_tensor(), &update)?;
             } else {
-                slot.m.set(&((slot.m.as_tensor() * b1)? + (g * (1.0 - b1))?)?)?;
+                slot.m.set(&((slot.m.as_tensor() * b1)? + (&g * (1.0 - b1))?)?)?;
                 slot.v.set(&((slot.v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?)?;
                 let denom = ((slot.v.as_tensor() / update.bias_correction2)?.sqrt()? + update.eps)?;
                 let step = ((slot.m.as_tensor() / denom)? * update.step_size)?;
-                let param = (slot.var.as_tensor().detach() * update.decay)?;
-                slot.var.set(&(param - step)?)?;
+                let param = (slot.var.as_tensor().detach() * update.decay_before)?;
+                slot.var.set(&((param - step)? * update.decay_after)?)?;
             }
         }
         Ok(())
@@ -188,11 +219,7 @@ mod tests {
         let var =
             Var::from_tensor(&Tensor::new(&[1f64, -2.0], &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
                 .unwrap();
-        let mut opt = AdamW::new(
-            vec![("w".into(), var.clone())],
-            AdamWConfig { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01 },
-        )
-        .unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), var.clone())], torch_config(Optimizer::Adamw)).unwrap();
         let mut p = [1f64, -2.0];
         let (mut m, mut v) = ([0f64; 2], [0f64; 2]);
         for (t, g) in [[0.5, 0.25], [-1.0, 2.0]].iter().enumerate() {
@@ -212,6 +239,75 @@ mod tests {
             assert!((ours[i] - p[i]).abs() < tol, "{dtype:?}: {ours:?} vs {p:?}");
         }
     }
+    fn torch_config(formula: Optimizer) -> AdamWConfig {
+        AdamWConfig { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.01, formula, update_idle: false }
+    }
+
+    /// Three steps of `transformers.AdamW` (4.8.2's `optimization.py`: exp_avg and exp_avg_sq
+    /// updated, denom = sqrt(exp_avg_sq) + eps, step_size = lr * sqrt(1 - b2^t) / (1 - b1^t),
+    /// p -= step_size * exp_avg / denom, then p -= lr * wd * p) with eps 1e-6 and weight decay 0.1
+    /// on fixed gradients, on both paths.
+    #[test]
+    fn transformers_adamw_matches_its_formula() {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+            let var = Var::from_tensor(
+                &Tensor::new(&[0.5f64, -1.5, 2.0], &Device::Cpu).unwrap().to_dtype(dtype).unwrap(),
+            )
+            .unwrap();
+            let config =
+                AdamWConfig { eps: 1e-6, weight_decay: 0.1, ..torch_config(Optimizer::TransformersAdamw) };
+            let mut opt = AdamW::new(vec![("w".into(), var.clone())], config).unwrap();
+            let (lr, (b1, b2), eps, wd) = (0.05, (0.9f64, 0.999f64), 1e-6, 0.1);
+            let mut p = [0.5f64, -1.5, 2.0];
+            let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
+            for (t, g) in [[0.3, -0.2, 1.0], [-0.7, 0.1, 0.4], [0.05, 0.9, -1.2]].iter().enumerate() {
+                let grad = Tensor::new(&g[..], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                opt.step(&[Some(grad)], lr).unwrap();
+                let t = t as i32 + 1;
+                let step_size = lr * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
+                for i in 0..3 {
+                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                    p[i] -= step_size * m[i] / (v[i].sqrt() + eps);
+                    p[i] -= lr * wd * p[i];
+                }
+            }
+            let ours = var.as_tensor().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            for i in 0..3 {
+                assert!((ours[i] - p[i]).abs() < tol, "{dtype:?}: {ours:?} vs {p:?}");
+            }
+        }
+    }
+
+    /// A parameter without a gradient in a step: skipped (and its step not counted) by default;
+    /// with `update_idle`, once it has had a gradient, updated as with a zero gradient (PyTorch 1.7's
+    /// `zero_grad()` leaving zeros): its moments decay, its step count goes on, and it moves.
+    #[test]
+    fn idle_parameters_move_only_when_asked() {
+        let run = |update_idle: bool| {
+            let var = Var::from_tensor(&Tensor::new(&[1f64, -1.0], &Device::Cpu).unwrap()).unwrap();
+            let config = AdamWConfig { weight_decay: 0.0, update_idle, ..torch_config(Optimizer::Adamw) };
+            let mut opt = AdamW::new(vec![("head".into(), var.clone())], config).unwrap();
+            let value = || var.as_tensor().to_vec1::<f64>().unwrap();
+            // No gradient before the first paired step: never moved, whatever the setting.
+            opt.step(&[None], 0.1).unwrap();
+            assert_eq!(value(), [1.0, -1.0]);
+            opt.step(&[Some(Tensor::new(&[0.5f64, 0.5], &Device::Cpu).unwrap())], 0.1).unwrap();
+            let after_paired = value();
+            opt.step(&[None], 0.1).unwrap();
+            let steps = opt.state().unwrap()["steps.head"].to_vec1::<i64>().unwrap()[0];
+            (after_paired, value(), steps)
+        };
+        let (paired, idle, steps) = run(false);
+        assert_eq!((idle, steps), (paired, 1), "skipped");
+        let (paired, idle, steps) = run(true);
+        assert_eq!(steps, 2);
+        // Step 2 with g = 0: m = 0.9 * 0.05, v = 0.999 * 0.00025, bias-corrected at t = 2.
+        let (m, v) = (0.9 * 0.05, 0.999 * 0.00025);
+        let expected = paired[0] - 0.1 / (1.0 - 0.81) * m / ((v / (1.0 - 0.999f64.powi(2))).sqrt() + 1e-8);
+        assert!((idle[0] - expected).abs() < 1e-12, "{idle:?} vs {expected}");
+    }
+
     /// Clipping scales every gradient by max_norm / norm when the global norm is above it (as
     /// `torch.nn.utils.clip_grad_norm_`), leaves it otherwise, and reports the norm before.
     #[test]

@@ -11,13 +11,14 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 
 use super::batches::TwoViewBatch;
+use super::config::HeadInit;
 use crate::checkpoint::layout::{ENCODER_PREFIX, HEADS_PREFIX};
 use crate::model::heads::{HeadShape, Heads};
 use crate::model::{self, BertModel, Pooling};
 
 /// Mixed into the seed for the heads' initialisation, so it draws apart from the data order.
 const HEAD_SEED_SALT: u64 = 0x4845_4144_5321; // "HEADS!"
-/// The standard deviation of BERT's initialisation, which SimCSE and MCSE give their heads.
+/// The standard deviation of BERT's initialisation, which SimCSE and MCSE give their MLP head.
 const HEAD_INIT_STD: f64 = 0.02;
 
 /// The student's outputs for a two-view batch of B examples.
@@ -106,16 +107,25 @@ pub struct Student {
     pooling: Pooling,
 }
 
+/// The heads a student starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadsSpec {
+    /// The grounding space's dimension.
+    pub proj_dim: usize,
+    /// The teacher features' dimension.
+    pub teacher_dim: usize,
+    /// Their initialisation and its seed.
+    pub init: HeadInit,
+    pub seed: u64,
+}
+
 impl Student {
     /// The encoder of `model_dir` (every tensor its config.json asks for must be there) and
-    /// freshly initialised heads with `proj_dim` outputs over `teacher_dim` teacher features,
-    /// matmuls in `compute`.
+    /// freshly initialised `heads`, matmuls in `compute`.
     pub fn load(
         model_dir: &Path,
         pooling: Pooling,
-        proj_dim: usize,
-        teacher_dim: usize,
-        seed: u64,
+        heads: HeadsSpec,
         compute: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -147,9 +157,9 @@ impl Student {
                 config.hidden_size
             );
         }
-        let shapes = Heads::shapes(config.hidden_size, proj_dim, teacher_dim);
-        init_heads(&varmap, seed, &shapes, device)?;
-        let heads = Heads::load(vb.pp("heads"), config.hidden_size, proj_dim, teacher_dim)?;
+        let shapes = Heads::shapes(config.hidden_size, heads.proj_dim, heads.teacher_dim);
+        init_heads(&varmap, heads.seed, &shapes, heads.init, device)?;
+        let heads = Heads::load(vb.pp("heads"), config.hidden_size, heads.proj_dim, heads.teacher_dim)?;
         Ok(Self { varmap, encoder, heads, pooling })
     }
 
@@ -198,27 +208,94 @@ impl Student {
     }
 }
 
-/// Normal(0, 0.02) weights and zero biases for the heads, drawn from the seed so that every rank
-/// and every run agree.
-fn init_heads(varmap: &VarMap, seed: u64, shapes: &[HeadShape], device: &Device) -> Result<()> {
+/// The heads' initial weights, drawn from the seed so that every rank and every run agree:
+/// Normal(0, 0.02) weights and zero biases (SimCSE's MLP head), or with `MlpNormal` only the MLP
+/// head so and the others as PyTorch's `nn.Linear` (weight and bias uniform in
+/// +-1/sqrt(fan_in): `kaiming_uniform_(a=sqrt(5))`), as the official code leaves them.
+fn init_heads(
+    varmap: &VarMap,
+    seed: u64,
+    shapes: &[HeadShape],
+    init: HeadInit,
+    device: &Device,
+) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ HEAD_SEED_SALT);
     let mut data = varmap.data().lock().expect("varmap lock");
     for shape in shapes {
-        let weights: Vec<f32> = (0..shape.input * shape.output)
-            .map(|_| {
+        let count = shape.input * shape.output;
+        let (weights, bias): (Vec<f32>, Vec<f32>) = if init == HeadInit::AllNormal || shape.name == "mlp" {
+            let normal = |rng: &mut rand_chacha::ChaCha8Rng| {
                 // Box-Muller.
                 let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
                 ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * HEAD_INIT_STD) as f32
-            })
-            .collect();
-        let weight = Tensor::from_vec(weights, (shape.output, shape.input), device)?;
+            };
+            ((0..count).map(|_| normal(&mut rng)).collect(), vec![0.0; shape.output])
+        } else {
+            let bound = 1.0 / (shape.input as f64).sqrt();
+            let mut uniform =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect() };
+            (uniform(count), uniform(shape.output))
+        };
         let prefix = format!("{HEADS_PREFIX}{}.dense", shape.name);
+        let weight = Tensor::from_vec(weights, (shape.output, shape.input), device)?;
         data.insert(format!("{prefix}.weight"), Var::from_tensor(&weight)?);
-        data.insert(format!("{prefix}.bias"), Var::zeros(shape.output, DType::F32, device)?);
+        data.insert(
+            format!("{prefix}.bias"),
+            Var::from_tensor(&Tensor::from_vec(bias, shape.output, device)?)?,
+        );
     }
     tracing::info!(
         heads = ?shapes.iter().map(|s| s.name).collect::<Vec<_>>(),
-        "initialised the heads (std {HEAD_INIT_STD}); every other parameter comes from the model folder"
+        ?init,
+        "initialised the heads; every other parameter comes from the model folder"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `mlp_normal`: the MLP head N(0, 0.02) with zero bias, the others within nn.Linear's bounds
+    /// (+-1/sqrt(fan_in), weight and bias) and spread over them as a uniform draw is (std
+    /// bound / sqrt(3)); `all_normal`: every head N(0, 0.02), zero bias.
+    #[test]
+    fn head_initialisations_follow_their_distributions() {
+        let shapes = Heads::shapes(64, 32, 48);
+        let stats = |init: HeadInit| {
+            let varmap = VarMap::new();
+            init_heads(&varmap, 7, &shapes, init, &Device::Cpu).unwrap();
+            let data = varmap.data().lock().unwrap();
+            shapes
+                .iter()
+                .map(|s| {
+                    let get = |part: &str| {
+                        data[&format!("{HEADS_PREFIX}{}.dense.{part}", s.name)]
+                            .as_tensor()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                    };
+                    let (w, b) = (get("weight"), get("bias"));
+                    let std = (w.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+                    let max = w.iter().chain(&b).fold(0f64, |m, x| m.max(x.abs() as f64));
+                    (s.name, s.input, std, max, b.iter().all(|x| *x == 0.0))
+                })
+                .collect::<Vec<_>>()
+        };
+        for (name, _, std, _, zero_bias) in stats(HeadInit::AllNormal) {
+            assert!((std - 0.02).abs() < 0.002 && zero_bias, "{name}: std {std}");
+        }
+        for (name, fan_in, std, max, zero_bias) in stats(HeadInit::MlpNormal) {
+            if name == "mlp" {
+                assert!((std - 0.02).abs() < 0.002 && zero_bias, "{name}: std {std}");
+            } else {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                assert!(max <= bound && max > 0.95 * bound, "{name}: max {max}, bound {bound}");
+                assert!((std - bound / 3f64.sqrt()).abs() < 0.05 * bound, "{name}: std {std}");
+                assert!(!zero_bias, "{name}: nn.Linear draws its bias");
+            }
+        }
+    }
 }
