@@ -23,6 +23,15 @@ pub mod ops;
 pub mod tensorboard;
 pub mod train;
 
+/// What `--version` prints: the version, the git revision built from, and whether the build
+/// has the `cuda` feature (GPUs and NCCL) or runs on CPUs only.
+#[cfg(feature = "cuda")]
+pub const VERSION: &str =
+    concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("KDMCSE_GIT_REVISION"), ", CUDA build)");
+#[cfg(not(feature = "cuda"))]
+pub const VERSION: &str =
+    concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("KDMCSE_GIT_REVISION"), ", CPU build)");
+
 /// An error in what the user gave -- the configuration, a data or model file, a checkpoint that
 /// does not fit the run, a run that diverges -- which running again cannot mend. `kdmcse` exits
 /// with [`InputError::EXIT_CODE`] on it, so `kdmcse-launch` and Kubernetes fail at once instead

@@ -20,7 +20,7 @@ use kdmcse::InputError;
 static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "kdmcse", version, about = "KDMCSE multimodal sentence embeddings")]
+#[command(name = "kdmcse", version = kdmcse::VERSION, about = "KDMCSE multimodal sentence embeddings")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -159,3 +159,24 @@ fn short_gold_file_names_both_files() {
     let out = eval(&common::minilm_dir(), data.path(), &["--tasks", "STS16"]);
     assert_fails_with(&out, &[gold.to_str().unwrap(), "STS.input.headlines.txt"]);
 }
+
+/// `--version` of both binaries says the version, the git revision they were built from (this
+/// checkout's HEAD) and that this is a CPU build.
+#[test]
+fn version_names_the_revision_and_the_kind_of_build() {
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    let revision = match git {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        _ => "unknown".to_owned(),
+    };
+    for (name, bin) in
+        [("kdmcse", common::process::kdmcse_bin()), ("kdmcse-launch", common::process::launcher_bin())]
+    {
+        let out = std::process::Command::new(bin).arg("--version").output().unwrap();
+        let expected = format!("{name} {} (git {revision}, CPU build)\n", env!("CARGO_PKG_VERSION"));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    }
+}

@@ -21,8 +21,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 fn render(overlay: &str) -> Vec<serde_json::Value> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/overlays").join(overlay);
-    let out = Command::new("kubectl").arg("kustomize").arg(&dir).output().expect("kubectl not found");
+    render_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/overlays").join(overlay))
+}
+
+/// The documents `kubectl kustomize DIR` renders.
+fn render_dir(dir: &Path) -> Vec<serde_json::Value> {
+    let overlay = dir.display();
+    let out = Command::new("kubectl").arg("kustomize").arg(dir).output().expect("kubectl not found");
     assert!(out.status.success(), "kustomize {overlay}: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     serde_yaml::Deserializer::from_str(&text)
@@ -82,6 +87,9 @@ fn env_value(container: &Container, name: &str) -> String {
         .unwrap_or_else(|| panic!("no env {name}"))
 }
 
+/// The image every manifest gets from the `images:` of k8s/config.
+const IMAGE: &str = "ghcr.io/example/kdmcse:0.1.0";
+
 #[test]
 fn overlays_render_and_validate() {
     for (overlay, nodes, gpus) in
@@ -91,18 +99,22 @@ fn overlays_render_and_validate() {
         let spec = r.job.spec.as_ref().unwrap();
         assert_eq!(spec.completions, Some(nodes), "{overlay}");
         assert_eq!(spec.parallelism, Some(nodes), "{overlay}");
-        assert_eq!(env_value(&r.container, "NNODES"), nodes.to_string(), "{overlay}");
+        assert_eq!(env_value(&r.container, "KDMCSE_NNODES"), nodes.to_string(), "{overlay}");
+        assert_eq!(r.container.image.as_deref(), Some(IMAGE), "{overlay}: the image of k8s/config");
         let limits = r.container.resources.as_ref().unwrap().limits.clone().unwrap_or_default();
         let args = r.container.args.clone().unwrap();
+        let has_env = |name: &str| r.container.env.iter().flatten().any(|e| e.name == name);
         match gpus {
             Some(g) => {
                 assert_eq!(limits["nvidia.com/gpu"].0, g.to_string(), "{overlay}");
-                assert_eq!(args[0], "--gpus");
-                assert_eq!(env_value(&r.container, "WORKERS_PER_NODE"), g.to_string());
+                assert_eq!(env_value(&r.container, "KDMCSE_GPUS"), g.to_string());
+                assert!(!has_env("KDMCSE_NPROC"), "{overlay}");
             }
             None => {
                 assert!(!limits.contains_key("nvidia.com/gpu"), "{overlay}");
-                assert_eq!(args[0], "--nproc");
+                assert!(!has_env("KDMCSE_GPUS"), "{overlay}: the CPU overlay deletes it by name");
+                assert_eq!(env_value(&r.container, "KDMCSE_NPROC"), "1");
+                assert_eq!(env_value(&r.container, "KDMCSE_TRAIN__DEVICE"), "cpu");
             }
         }
         assert!(args.windows(2).any(|w| w == ["--resume", "auto"]), "{overlay}: pods resume");
@@ -128,6 +140,111 @@ fn overlays_render_and_validate() {
         });
         assert!(fails_on_2, "{overlay}: exit code 2 (bad config) must fail the Job");
     }
+}
+
+/// What every pod of every manifest needs: the shared image, the ConfigMap mounted where the
+/// config is read, the data volume, shared memory, time to checkpoint on SIGTERM, the output
+/// folder from the environment, and `--resume auto`.
+fn assert_pod_resumes_with_the_shared_config(
+    what: &str,
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    config: &str,
+) {
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some(IMAGE), "{what}");
+    let args = container.args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w == ["--resume", "auto"]), "{what}: {args:?}");
+    assert!(args.windows(2).any(|w| w == ["--config", "/etc/kdmcse/train.toml"]), "{what}: {args:?}");
+    assert!(args.windows(2).any(|w| w == ["--set", "output.dir=$(OUTPUT_DIR)"]), "{what}: {args:?}");
+    assert!(container.env.iter().flatten().any(|e| e.name == "OUTPUT_DIR"), "{what}: OUTPUT_DIR");
+    assert!(pod.termination_grace_period_seconds.is_some_and(|s| s >= 60), "{what}: grace to checkpoint");
+    let volumes = pod.volumes.as_ref().unwrap();
+    let volume =
+        |name: &str| volumes.iter().find(|v| v.name == name).unwrap_or_else(|| panic!("{what}: no {name}"));
+    assert_eq!(volume("config").config_map.as_ref().unwrap().name, config, "{what}: the generated ConfigMap");
+    assert!(volume("data").persistent_volume_claim.is_some(), "{what}");
+    assert_eq!(volume("dshm").empty_dir.as_ref().unwrap().medium.as_deref(), Some("Memory"), "{what}");
+    let mounts = container.volume_mounts.as_ref().unwrap();
+    for (name, path) in [("config", "/etc/kdmcse"), ("data", "/data"), ("dshm", "/dev/shm")] {
+        assert!(mounts.iter().any(|m| m.name == name && m.mount_path == path), "{what}: {name} at {path}");
+    }
+}
+
+/// The generated ConfigMap of a rendering (holding train.toml), validated; its name.
+fn config_map(what: &str, docs: &[serde_json::Value]) -> String {
+    let doc =
+        docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap_or_else(|| panic!("{what}: no ConfigMap"));
+    let config: ConfigMap = validate(doc);
+    assert!(config.data.as_ref().unwrap().contains_key("train.toml"), "{what}");
+    config.metadata.name.unwrap()
+}
+
+/// The JobSet and Kubeflow's PyTorchJob render with the shared config and image, and their pod
+/// templates are valid pods (typed round trip) that resume; the JobSet's node count, node rank and
+/// master follow its replicated Job, the PyTorchJob's come from the operator's variables.
+#[test]
+fn the_jobset_and_the_pytorchjob_render_with_the_shared_config() {
+    use k8s_openapi::api::batch::v1::JobTemplateSpec;
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s");
+
+    let docs = render_dir(&root.join("jobset"));
+    let config = config_map("jobset", &docs);
+    let jobset = docs.iter().find(|d| d["kind"] == "JobSet").expect("a JobSet");
+    assert_eq!(jobset["apiVersion"], "jobset.x-k8s.io/v1alpha2");
+    let replicated = &jobset["spec"]["replicatedJobs"][0];
+    let job: JobTemplateSpec = validate(&replicated["template"]);
+    let pod = job.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    assert_pod_resumes_with_the_shared_config("jobset", &pod, &config);
+    let container = &pod.containers[0];
+    assert_eq!(env_value(container, "KDMCSE_NNODES"), replicated["replicas"].to_string());
+    let args = container.args.clone().unwrap();
+    let master = format!(
+        "{}-{}-0-0.{}",
+        jobset["metadata"]["name"].as_str().unwrap(),
+        replicated["name"].as_str().unwrap(),
+        jobset["spec"]["network"]["subdomain"].as_str().unwrap()
+    );
+    assert!(args.windows(2).any(|w| w == ["--master-addr", master.as_str()]), "{args:?} vs {master}");
+    assert!(args.windows(2).any(|w| w == ["--node-rank", "$(JOBSET_NODE_INDEX)"]), "{args:?}");
+    let fails_on_2 = job
+        .spec
+        .as_ref()
+        .unwrap()
+        .pod_failure_policy
+        .as_ref()
+        .unwrap()
+        .rules
+        .iter()
+        .any(|r| r.action == "FailJob" && r.on_exit_codes.as_ref().is_some_and(|c| c.values == [2]));
+    assert!(fails_on_2 && jobset["spec"]["failurePolicy"]["rules"][0]["action"] == "FailJobSet");
+
+    let docs = render_dir(&root.join("kubeflow"));
+    let config = config_map("kubeflow", &docs);
+    let job = docs.iter().find(|d| d["kind"] == "PyTorchJob").expect("a PyTorchJob");
+    assert_eq!(job["apiVersion"], "kubeflow.org/v1");
+    for role in ["Master", "Worker"] {
+        let replicas = &job["spec"]["pytorchReplicaSpecs"][role];
+        let template: PodTemplateSpec = validate(&replicas["template"]);
+        let pod = template.spec.unwrap();
+        assert_pod_resumes_with_the_shared_config(role, &pod, &config);
+        let container = &pod.containers[0];
+        assert_eq!(container.name, "pytorch", "the operator's container name");
+        let port =
+            container.ports.as_ref().unwrap().iter().find(|p| p.name.as_deref() == Some("pytorchjob-port"));
+        assert!(port.is_some(), "{role}: MASTER_PORT comes from the pytorchjob-port");
+        let args = container.args.clone().unwrap();
+        for (flag, var) in [
+            ("--nnodes", "$(WORLD_SIZE)"),
+            ("--node-rank", "$(RANK)"),
+            ("--master-addr", "$(MASTER_ADDR)"),
+            ("--master-port", "$(MASTER_PORT)"),
+        ] {
+            assert!(args.windows(2).any(|w| w == [flag, var]), "{role}: {args:?}");
+        }
+        assert_eq!(replicas["restartPolicy"], "ExitCode", "{role}");
+    }
+    assert_eq!(job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"], 1);
 }
 
 /// Expands `$(VAR)` as the kubelet does.

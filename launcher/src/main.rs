@@ -30,19 +30,19 @@ use rendezvous::{Ending, Rendezvous};
 #[derive(Parser, Debug)]
 #[command(
     name = "kdmcse-launch",
-    version,
+    version = kdmcse::VERSION,
     about = "Run kdmcse training with one worker per GPU (or CPU slot), torchrun-style",
     after_help = "Examples:\n  kdmcse-launch --gpus 8 --config configs/kdmcse-bert-base-flickr30k.toml\n  \
                   kdmcse-launch --nproc 2 -- --config configs/quickstart.toml --set train.max_steps=20"
 )]
 struct Args {
     /// Workers on this node, one per GPU (each sees only its GPU through CUDA_VISIBLE_DEVICES).
-    #[arg(long, conflicts_with = "nproc")]
+    #[arg(long, env = "KDMCSE_GPUS", conflicts_with = "nproc")]
     gpus: Option<usize>,
     /// Workers on this node, on the CPU.
-    #[arg(long)]
+    #[arg(long, env = "KDMCSE_NPROC")]
     nproc: Option<usize>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "KDMCSE_NNODES", default_value_t = 1)]
     nnodes: usize,
     /// This node's index; defaults to $JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs), else 0.
     #[arg(long)]
