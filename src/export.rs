@@ -75,13 +75,19 @@ pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> 
         })),
     );
     files.insert(layout::CONFIG.to_owned(), checkpoint.part(layout::CONFIG)?.clone());
-    files.insert("README.md".to_owned(), Bytes::from(card(checkpoint, pooling, config.hidden_size)?));
+    files.insert("README.md".to_owned(), Bytes::from(readme(checkpoint, &[])?));
     Ok(files)
 }
 
-/// The model card of `checkpoint` (its config and trainer state).
-fn card(checkpoint: &Checkpoint, pooling: Pooling, dim: usize) -> Result<String> {
+/// The model card of `checkpoint` (its config and trainer state), with STS results (task name,
+/// Spearman x100) when the export was evaluated.
+pub fn readme(checkpoint: &Checkpoint, sts: &[(String, f64)]) -> Result<String> {
     let name = &checkpoint.name;
+    let config_json = checkpoint.part(ENCODER_CONFIG)?;
+    let dim = serde_json::from_slice::<Config>(config_json)
+        .with_context(|| format!("checkpoint {name}: unreadable {ENCODER_CONFIG}"))?
+        .hidden_size;
+    let pooling = layout::pooling(checkpoint)?;
     let config_toml = String::from_utf8_lossy(checkpoint.part(layout::CONFIG)?).into_owned();
     let cfg: TrainConfig = toml::from_str(&config_toml)
         .with_context(|| format!("checkpoint {name}: unreadable {}", layout::CONFIG))?;
@@ -92,6 +98,7 @@ fn card(checkpoint: &Checkpoint, pooling: Pooling, dim: usize) -> Result<String>
         best: state.best_score.zip(state.best_step),
         pooling,
         dim,
+        sts,
     };
     Ok(model_card(&cfg, &config_toml, &facts))
 }

@@ -112,6 +112,10 @@ struct ExportArgs {
     /// The folder to write.
     #[arg(long)]
     out: PathBuf,
+    /// Evaluate the export on the SentEval STS tasks under this folder (laid out as for
+    /// `kdmcse eval --data`) and state the results in its model card.
+    #[arg(long, value_name = "DATA")]
+    eval: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -201,56 +205,76 @@ fn progress(total: usize, what: &str) -> indicatif::ProgressBar {
 
 fn run_eval(args: EvalArgs) -> Result<()> {
     let device = args.model.device.device()?;
-    let asked = !args.tasks.is_empty();
-    let tasks = if asked { args.tasks } else { Task::ALL.to_vec() };
-    // Read (and validate) every task's files before spending time on the model.
     in_range("--batch-size", args.model.batch_size, 1..)?;
-    if !args.data.is_dir() {
-        bail!("--data {}: no such folder", args.data.display());
+    let model = &args.model;
+    let StsScores { scores, missing } =
+        sts_scores(&model.model, model.pooler, &args.data, &args.tasks, model.batch_size, &device)?;
+    let mut json = serde_json::Map::new();
+    for (task, score) in &scores {
+        json.insert(task.name().to_owned(), (*score).into());
+    }
+    let avg = match scores.len() {
+        0 => serde_json::Value::Null,
+        n => eval::round2(scores.iter().map(|(_, s)| s).sum::<f64>() / n as f64).into(),
+    };
+    println!("{:<16} {avg}", "avg");
+    if args.json {
+        json.insert("avg".into(), avg);
+        json.insert("missing".into(), missing.into());
+        println!("{}", serde_json::Value::Object(json));
+    }
+    Ok(())
+}
+
+/// The STS tasks scored (Spearman x100) and the names of those whose files were not there.
+struct StsScores {
+    scores: Vec<(Task, f64)>,
+    missing: Vec<&'static str>,
+}
+
+/// SentEval STS scores of the model folder `model` on the tasks under `data` (`tasks`, else every
+/// task whose files are there), printed as they come.
+fn sts_scores(
+    model: &std::path::Path,
+    pooler: Option<Pooling>,
+    data: &std::path::Path,
+    tasks: &[Task],
+    batch_size: usize,
+    device: &candle_core::Device,
+) -> Result<StsScores> {
+    let asked = !tasks.is_empty();
+    let tasks = if asked { tasks.to_vec() } else { Task::ALL.to_vec() };
+    // Read (and validate) every task's files before spending time on the model.
+    if !data.is_dir() {
+        bail!("--data {}: no such folder", data.display());
     }
     let mut loaded = Vec::new();
     let mut missing = Vec::new();
     for task in tasks {
-        match eval::load_task(&args.data, task)? {
-            Some(data) => loaded.push((task, data)),
-            None if asked => {
-                bail!("{}: no files of {} (asked for by --tasks)", args.data.display(), task.name())
-            }
+        match eval::load_task(data, task)? {
+            Some(task_data) => loaded.push((task, task_data)),
+            None if asked => bail!("{}: no files of {} (asked for by --tasks)", data.display(), task.name()),
             None => {
-                println!("{:<16} missing (no files under {})", task.name(), args.data.display());
+                println!("{:<16} missing (no files under {})", task.name(), data.display());
                 missing.push(task.name());
             }
         }
     }
     if loaded.is_empty() {
-        bail!(
-            "{}: none of the STS tasks is there (expected stsb/, sick/, STS1x-en-test/)",
-            args.data.display()
-        );
+        bail!("{}: none of the STS tasks is there (expected stsb/, sick/, STS1x-en-test/)", data.display());
     }
-    let encoder = SentenceEncoder::load(&args.model.model, args.model.pooler, None, &device)?;
-    let mut scores = serde_json::Map::new();
-    for (task, data) in loaded {
-        let sentences = data.sentences();
+    let encoder = SentenceEncoder::load(model, pooler, None, device)?;
+    let mut scores = Vec::new();
+    for (task, task_data) in loaded {
+        let sentences = task_data.sentences();
         let bar = progress(sentences.len(), task.name());
-        let embeddings = encoder.encode(&sentences, args.model.batch_size, |n| bar.inc(n as u64))?;
+        let embeddings = encoder.encode(&sentences, batch_size, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
-        let score = eval::sts_score(&embeddings, &data)?;
-        println!("{:<16} {score:6.2}  ({} pairs)", task.name(), data.len());
-        scores.insert(task.name().to_owned(), score.into());
+        let score = eval::sts_score(&embeddings, &task_data)?;
+        println!("{:<16} {score:6.2}  ({} pairs)", task.name(), task_data.len());
+        scores.push((task, score));
     }
-    let present: Vec<f64> = scores.values().filter_map(|v| v.as_f64()).collect();
-    let avg = match present.len() {
-        0 => serde_json::Value::Null,
-        n => eval::round2(present.iter().sum::<f64>() / n as f64).into(),
-    };
-    println!("{:<16} {avg}", "avg");
-    if args.json {
-        scores.insert("avg".into(), avg);
-        scores.insert("missing".into(), missing.into());
-        println!("{}", serde_json::Value::Object(scores));
-    }
-    Ok(())
+    Ok(StsScores { scores, missing })
 }
 
 fn run_encode(args: EncodeArgs) -> Result<()> {
@@ -377,6 +401,16 @@ fn run_export(args: ExportArgs) -> Result<()> {
     let files = kdmcse::export::export_files(&checkpoint)?;
     kdmcse::export::write_dir(&files, &args.out)?;
     tracing::info!(checkpoint = %checkpoint.name, out = %args.out.display(), "exported");
+    if let Some(data) = &args.eval {
+        // The export as users load it (its own pooling), then its card with the results.
+        let device = candle_core::Device::Cpu;
+        let scores = sts_scores(&args.out, None, data, &[], 128, &device)?.scores;
+        let results: Vec<(String, f64)> = scores.iter().map(|(t, s)| (t.name().to_owned(), *s)).collect();
+        let card = kdmcse::export::readme(&checkpoint, &results)?;
+        std::fs::write(args.out.join("README.md"), card)
+            .with_context(|| format!("cannot write {}", args.out.join("README.md").display()))?;
+        tracing::info!(tasks = results.len(), "the model card states the STS results");
+    }
     Ok(())
 }
 

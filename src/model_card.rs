@@ -17,6 +17,8 @@ pub struct CardFacts<'a> {
     pub best: Option<(f64, u64)>,
     pub pooling: Pooling,
     pub dim: usize,
+    /// SentEval STS results of the export (task, Spearman x100), when it was evaluated.
+    pub sts: &'a [(String, f64)],
 }
 
 /// A folder's or file's name: what a card can say of a local path.
@@ -111,6 +113,18 @@ pub fn model_card(cfg: &TrainConfig, config_toml: &str, facts: &CardFacts) -> St
         None => {
             let _ = writeln!(w, "- STS-B dev: not evaluated during training");
         }
+    }
+    if !facts.sts.is_empty() {
+        let _ = writeln!(
+            w,
+            "\n## Evaluation\n\nSentEval's STS tasks (cosine similarity, Spearman x100; STS12-16 over all their \
+             subsets), evaluated on this export by `kdmcse export --eval`:\n\n| task | Spearman x100 |\n|---|---|"
+        );
+        for (task, score) in facts.sts {
+            let _ = writeln!(w, "| {task} | {score:.2} |");
+        }
+        let mean = facts.sts.iter().map(|(_, s)| s).sum::<f64>() / facts.sts.len() as f64;
+        let _ = writeln!(w, "| mean | {mean:.2} |");
     }
     let _ = writeln!(
         w,

@@ -172,6 +172,26 @@ fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
     let last = String::from_utf8_lossy(&eval.stdout).lines().last().unwrap().to_owned();
     let scores: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert!(scores["STS16"].as_f64().unwrap() > 50.0, "{scores}");
+    // `export --eval DATA` evaluates the export on the STS tasks DATA holds (here STS16 alone)
+    // and its model card states the results, the same as `kdmcse eval` gives.
+    let data = run.path().join("sts16-only");
+    std::fs::create_dir_all(&data).unwrap();
+    let sts16 = common::shared_dir().join("data/sts-samples/STS16-en-test");
+    std::os::unix::fs::symlink(sts16, data.join("STS16-en-test")).unwrap();
+    let evaluated = run.path().join("export-evaluated");
+    let out = kdmcse(&[
+        "export",
+        "--checkpoint",
+        run.path().join("out").to_str().unwrap(),
+        "--out",
+        evaluated.to_str().unwrap(),
+        "--eval",
+        data.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let card = std::fs::read_to_string(evaluated.join("README.md")).unwrap();
+    let row = format!("| STS16 | {:.2} |", scores["STS16"].as_f64().unwrap());
+    assert!(card.contains("## Evaluation") && card.contains(&row), "{row} in:\n{card}");
 }
 
 /// The export states the pooling the run trained with (here mean pooling), and `kdmcse encode` on
