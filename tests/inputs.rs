@@ -379,3 +379,111 @@ fn a_config_error_is_exit_2_and_never_restarted() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Writes `sentences` as a Parquet file with the columns `id` and `text` (strings, or to be
+/// wrong, numbers).
+fn write_parquet(path: &Path, sentences: &[String], text_as_numbers: bool) {
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::writer::SerializedFileWriter;
+    let text = if text_as_numbers { "INT64 text" } else { "BYTE_ARRAY text (UTF8)" };
+    let schema = format!("message corpus {{ REQUIRED INT64 id; REQUIRED {text}; }}");
+    let schema = std::sync::Arc::new(parquet::schema::parser::parse_message_type(&schema).unwrap());
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = SerializedFileWriter::new(file, schema, Default::default()).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    let ids: Vec<i64> = (0..sentences.len() as i64).collect();
+    let mut column = group.next_column().unwrap().unwrap();
+    column.typed::<Int64Type>().write_batch(&ids, None, None).unwrap();
+    column.close().unwrap();
+    let mut column = group.next_column().unwrap().unwrap();
+    if text_as_numbers {
+        column.typed::<Int64Type>().write_batch(&ids, None, None).unwrap();
+    } else {
+        let values: Vec<ByteArray> = sentences.iter().map(|s| ByteArray::from(s.as_str())).collect();
+        column.typed::<ByteArrayType>().write_batch(&values, None, None).unwrap();
+    }
+    column.close().unwrap();
+    group.close().unwrap();
+    writer.close().unwrap();
+}
+
+/// The same 64 sentences as `.txt`, `.jsonl`, `.csv`, `.tsv` and `.parquet` train two steps each
+/// with the same losses (the same sentences in the same order), and a malformed row of each
+/// format stops the run with the file and the line or row.
+#[test]
+fn every_corpus_format_trains_the_same_and_names_a_malformed_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = common::shared_dir().join("data/wiki/wiki_sample_10k.txt");
+    let mut sentences: Vec<String> =
+        std::fs::read_to_string(shared).unwrap().lines().take(64).map(String::from).collect();
+    // Quotes, commas and tabs in a sentence: each format must carry them.
+    sentences[1] = "He said \"no\", then\tleft, quietly.".into();
+    let file = |name: &str| dir.path().join(name);
+    std::fs::write(file("corpus.txt"), sentences.iter().map(|s| format!("{s}\n")).collect::<String>())
+        .unwrap();
+    let jsonl: String = sentences
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{}\n", serde_json::json!({"id": i, "text": s})))
+        .collect();
+    std::fs::write(file("corpus.jsonl"), &jsonl).unwrap();
+    for (name, delimiter) in [("corpus.csv", b','), ("corpus.tsv", b'\t')] {
+        let mut writer = csv::WriterBuilder::new().delimiter(delimiter).from_path(file(name)).unwrap();
+        writer.write_record(["id", "text"]).unwrap();
+        for (i, s) in sentences.iter().enumerate() {
+            writer.write_record([i.to_string().as_str(), s]).unwrap();
+        }
+        writer.flush().unwrap();
+    }
+    write_parquet(&file("corpus.parquet"), &sentences, false);
+
+    let losses = |corpus: &str| {
+        let run = dir.path().join(format!("run-{corpus}"));
+        std::fs::create_dir_all(&run).unwrap();
+        let config = quick(&run, 2);
+        let text = format!("data.text=[{:?}]", file(corpus).to_str().unwrap());
+        assert_ok(&train(&config, &["--set", &text]));
+        common::step_losses(&run)
+    };
+    let reference = losses("corpus.txt");
+    assert_eq!(reference.len(), 2);
+    for corpus in ["corpus.jsonl", "corpus.csv", "corpus.tsv", "corpus.parquet"] {
+        assert_eq!(losses(corpus), reference, "{corpus} trains on other sentences than corpus.txt");
+    }
+
+    // Malformed: line 3 of the JSON lines is not JSON, line 5 lacks the field; row 4 of the CSV
+    // (line 5: the header is line 1) has a column too many; the Parquet column is numbers; the
+    // field is missing from the CSV header.
+    let mut broken = jsonl.lines().map(String::from).collect::<Vec<_>>();
+    broken[2] = "{\"id\": 2, \"text\": ".into();
+    std::fs::write(file("bad.jsonl"), broken.join("\n")).unwrap();
+    broken[2] = jsonl.lines().nth(2).unwrap().into();
+    broken[4] = "{\"id\": 4, \"sentence\": \"elsewhere\"}".into();
+    std::fs::write(file("nofield.jsonl"), broken.join("\n")).unwrap();
+    let mut csv_lines: Vec<String> =
+        std::fs::read_to_string(file("corpus.csv")).unwrap().lines().map(String::from).collect();
+    csv_lines[4] += ",extra";
+    std::fs::write(file("bad.csv"), csv_lines.join("\n")).unwrap();
+    write_parquet(&file("numbers.parquet"), &sentences, true);
+    let config = quick(dir.path(), 2);
+    for (corpus, extra, needles) in [
+        ("bad.jsonl", None, vec!["bad.jsonl:3", "not a JSON object"]),
+        ("nofield.jsonl", None, vec!["nofield.jsonl:5", "no field \"text\"", "data.text_field"]),
+        ("bad.csv", None, vec!["bad.csv:5"]),
+        ("numbers.parquet", None, vec!["numbers.parquet: row 1", "not a string"]),
+        (
+            "corpus.csv",
+            Some("data.text_field=\"sentence\""),
+            vec!["corpus.csv:1", "no column \"sentence\"", "id, text"],
+        ),
+    ] {
+        let text = format!("data.text=[{:?}]", file(corpus).to_str().unwrap());
+        let mut args = vec!["--set", text.as_str()];
+        if let Some(extra) = extra {
+            args.extend(["--set", extra]);
+        }
+        let out = train(&config, &args);
+        assert_fails_with(&out, &needles);
+        assert_eq!(out.status.code(), Some(2), "{corpus}: an input error");
+    }
+}

@@ -119,13 +119,14 @@ fn coco_sample_features_in_the_interchange_format() {
         let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         common::max_abs_diff(a, b) <= 2e-3 * scale.max(1.0)
     };
-    assert!(close(&image, &corpus.image_features.narrow(0, 3, 1).unwrap()), "image features");
-    assert!(close(&caption, &corpus.caption_features.narrow(0, 5, 1).unwrap()), "caption features");
+    // A batch reads them from the mapped file: caption 5's, and a caption of image 3's image.
+    let of_image = |image: u32| corpus.caption_image.iter().position(|&i| i == image).unwrap() as u32;
+    let batch = corpus.batch(&[5, of_image(3)], &Device::Cpu).unwrap();
+    assert!(close(&caption, &batch.caption_features.narrow(0, 0, 1).unwrap()), "caption features");
+    assert!(close(&image, &batch.image_features.narrow(0, 1, 1).unwrap()), "image features");
     // Different images, different features.
-    assert!(
-        common::max_abs_diff(&corpus.image_features.get(0).unwrap(), &corpus.image_features.get(1).unwrap())
-            > 1e-4
-    );
+    let images = corpus.batch(&[of_image(0), of_image(1)], &Device::Cpu).unwrap().image_features;
+    assert!(common::max_abs_diff(&images.get(0).unwrap(), &images.get(1).unwrap()) > 1e-4);
 }
 
 #[test]

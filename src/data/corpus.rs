@@ -1,11 +1,15 @@
-//! Training corpora: a text corpus (one sentence a line, like wiki1m) and a paired corpus in the
-//! teacher interchange format (captions with precomputed teacher caption and image features).
+//! Training corpora: a text corpus (one sentence a line, like wiki1m, or a field of JSON lines, a
+//! CSV/TSV or Parquet column) and a paired corpus in the teacher interchange format (captions with
+//! precomputed teacher caption and image features).
 //! Both are validated on load; errors name the file and the row.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
 
 /// Sentences from one or more files, in file order.
 pub struct TextCorpus {
@@ -13,25 +17,20 @@ pub struct TextCorpus {
 }
 
 impl TextCorpus {
-    pub fn load(paths: &[PathBuf]) -> Result<Self> {
+    /// The sentences of `paths` in order, each read by its format ([`super::text_file`]; `field`
+    /// names the JSON field or the column).
+    pub fn load(paths: &[PathBuf], field: &str) -> Result<Self> {
         let mut sentences = Vec::new();
         for path in paths {
-            let lines = super::read_lines(path).context("cannot read the text corpus")?;
-            let before = sentences.len();
-            let mut blank = 0;
-            for line in lines {
-                if line.trim().is_empty() {
-                    blank += 1;
-                } else {
-                    sentences.push(line);
-                }
-            }
+            let (read, blank) =
+                super::text_file::read_sentences(path, field).context("cannot read the text corpus")?;
             if blank > 0 {
-                tracing::warn!(file = %path.display(), blank, "skipped blank lines");
+                tracing::warn!(file = %path.display(), blank, "skipped blank sentences");
             }
-            if sentences.len() == before {
+            if read.is_empty() {
                 bail!("text corpus {} has no sentences", path.display());
             }
+            sentences.extend(read);
         }
         Ok(Self { sentences })
     }
@@ -46,13 +45,13 @@ impl TextCorpus {
 }
 
 /// Captions with their teacher features (teacher/README.md of the shared data): row `i` of
-/// `caption_features` is caption `i`; `image_features[caption_image[i]]` is its image.
+/// `caption_features` is caption `i`; `image_features[caption_image[i]]` is its image. The features
+/// stay in the file, memory-mapped: the workers of one node share its pages in the page cache
+/// instead of each holding a copy, and a batch converts only its own rows to f32.
 pub struct PairedCorpus {
     pub captions: Vec<String>,
-    /// f32 `[captions, dim]`.
-    pub caption_features: Tensor,
-    /// f32 `[images, dim]`.
-    pub image_features: Tensor,
+    caption_features: MappedMatrix,
+    image_features: MappedMatrix,
     pub caption_image: Vec<u32>,
 }
 
@@ -63,33 +62,83 @@ pub struct PairedBatch<'a> {
     pub image_features: Tensor,
 }
 
+/// A `[rows, dim]` f16, bf16 or f32 matrix of a memory-mapped safetensors file.
+struct MappedMatrix {
+    map: Arc<Mmap>,
+    /// Where its data starts in the map.
+    offset: usize,
+    rows: usize,
+    dim: usize,
+    dtype: safetensors::Dtype,
+}
+
+impl MappedMatrix {
+    /// Tensor `name` of `file`, the safetensors file mapped as `map`; `path` for errors.
+    fn of(map: &Arc<Mmap>, file: &SafeTensors, name: &str, path: &Path) -> Result<Self> {
+        let view = file.tensor(name).with_context(|| format!("{}: no tensor {name:?}", path.display()))?;
+        let [rows, dim] = view.shape() else {
+            bail!("{}: {name} must be [rows, dim], is {:?}", path.display(), view.shape());
+        };
+        let dtype = view.dtype();
+        if !matches!(dtype, safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F32) {
+            bail!("{}: {name} is {dtype:?}; the features must be f16, bf16 or f32", path.display());
+        }
+        let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+        Ok(Self { map: Arc::clone(map), offset, rows: *rows, dim: *dim, dtype })
+    }
+
+    /// Row `row` as f32.
+    fn row(&self, row: usize) -> impl Iterator<Item = f32> + '_ {
+        let width = self.dtype.bitsize() / 8;
+        let start = self.offset + row * self.dim * width;
+        let bytes = &self.map[start..start + self.dim * width];
+        let dtype = self.dtype;
+        bytes.chunks_exact(width).map(move |b| match dtype {
+            safetensors::Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            safetensors::Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        })
+    }
+
+    /// The rows `rows`, in order, as an f32 `[rows, dim]` tensor on `device`.
+    fn gather(&self, rows: impl Iterator<Item = usize>, device: &Device) -> Result<Tensor> {
+        let values: Vec<f32> = rows.flat_map(|r| self.row(r)).collect();
+        let n = values.len() / self.dim;
+        Ok(Tensor::from_vec(values, (n, self.dim), &Device::Cpu)?.to_device(device)?)
+    }
+
+    /// The first row holding a NaN or an infinity.
+    fn first_non_finite_row(&self) -> Option<usize> {
+        (0..self.rows).find(|&r| self.row(r).any(|x| !x.is_finite()))
+    }
+}
+
 impl PairedCorpus {
-    /// Loads `DIR/teacher.safetensors`, `DIR/captions.txt` and `DIR/images.txt`.
+    /// Loads `DIR/teacher.safetensors` (memory-mapped), `DIR/captions.txt` and `DIR/images.txt`.
     pub fn load(dir: &Path) -> Result<Self> {
         let features_path = dir.join("teacher.safetensors");
-        let tensors = candle_core::safetensors::load(&features_path, &Device::Cpu)
+        let file = std::fs::File::open(&features_path)
             .with_context(|| format!("cannot read teacher features {}", features_path.display()))?;
-        let get = |name: &str| -> Result<&Tensor> {
-            tensors.get(name).with_context(|| format!("{}: no tensor {name:?}", features_path.display()))
-        };
-        let caption_features = get("caption_features")?.to_dtype(DType::F32)?;
-        let image_features = get("image_features")?.to_dtype(DType::F32)?;
-        let (n_captions, cap_dim) = caption_features.dims2().with_context(|| {
-            format!("{}: caption_features must be [captions, dim]", features_path.display())
+        // SAFETY: the map is read-only and the interchange format is written once, before
+        // training; a file changed under a running job is outside what kdmcse supports.
+        let map = Arc::new(
+            unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map teacher features {}", features_path.display()))?,
+        );
+        let tensors = SafeTensors::deserialize(&map).with_context(|| {
+            format!("cannot read teacher features {}: not a safetensors file", features_path.display())
         })?;
-        let (n_images, img_dim) = image_features
-            .dims2()
-            .with_context(|| format!("{}: image_features must be [images, dim]", features_path.display()))?;
+        let caption_features = MappedMatrix::of(&map, &tensors, "caption_features", &features_path)?;
+        let image_features = MappedMatrix::of(&map, &tensors, "image_features", &features_path)?;
+        let (n_captions, cap_dim) = (caption_features.rows, caption_features.dim);
+        let (n_images, img_dim) = (image_features.rows, image_features.dim);
         if cap_dim != img_dim {
             bail!(
                 "{}: caption_features have dimension {cap_dim} but image_features {img_dim}",
                 features_path.display()
             );
         }
-        let caption_image: Vec<i64> = get("caption_image")?
-            .to_dtype(DType::I64)?
-            .to_vec1()
-            .with_context(|| format!("{}: caption_image must be a vector", features_path.display()))?;
+        let caption_image = caption_image(&tensors, &features_path)?;
         if caption_image.len() != n_captions {
             bail!(
                 "{}: caption_image has {} rows but caption_features {n_captions}",
@@ -110,8 +159,7 @@ impl PairedCorpus {
             .collect::<Result<Vec<u32>>>()?;
         for (name, features) in [("caption_features", &caption_features), ("image_features", &image_features)]
         {
-            let rows = features.to_vec2::<f32>()?;
-            if let Some(row) = rows.iter().position(|r| r.iter().any(|x| !x.is_finite())) {
+            if let Some(row) = features.first_non_finite_row() {
                 bail!("{}: {name} row {row} is not finite (NaN or inf)", features_path.display());
             }
         }
@@ -150,20 +198,32 @@ impl PairedCorpus {
 
     /// The dimension of the teacher features.
     pub fn dim(&self) -> usize {
-        self.caption_features.dim(1).expect("2-D features")
+        self.caption_features.dim
     }
 
-    /// Captions and features of the given caption rows, features on `device`.
+    /// Captions and features of the given caption rows, features as f32 on `device`.
     pub fn batch(&self, rows: &[u32], device: &Device) -> Result<PairedBatch<'_>> {
-        let caption_rows = Tensor::new(rows, &Device::Cpu)?;
-        let image_rows: Vec<u32> = rows.iter().map(|&r| self.caption_image[r as usize]).collect();
-        let image_rows = Tensor::new(image_rows, &Device::Cpu)?;
+        let captions = rows.iter().map(|&r| r as usize);
+        let images = rows.iter().map(|&r| self.caption_image[r as usize] as usize);
         Ok(PairedBatch {
             captions: rows.iter().map(|&r| self.captions[r as usize].as_str()).collect(),
-            caption_features: self.caption_features.index_select(&caption_rows, 0)?.to_device(device)?,
-            image_features: self.image_features.index_select(&image_rows, 0)?.to_device(device)?,
+            caption_features: self.caption_features.gather(captions, device)?,
+            image_features: self.image_features.gather(images, device)?,
         })
     }
+}
+
+/// The `caption_image` vector (any integer dtype) of the teacher features `file`.
+fn caption_image(file: &SafeTensors, path: &Path) -> Result<Vec<i64>> {
+    let view = file
+        .tensor("caption_image")
+        .with_context(|| format!("{}: no tensor \"caption_image\"", path.display()))?;
+    let tensor =
+        Tensor::from_raw_buffer(view.data(), DType::try_from(view.dtype())?, view.shape(), &Device::Cpu)?;
+    tensor
+        .to_dtype(DType::I64)?
+        .to_vec1()
+        .with_context(|| format!("{}: caption_image must be a vector", path.display()))
 }
 
 /// Writes a paired corpus in the teacher interchange format (the layout [`PairedCorpus::load`]

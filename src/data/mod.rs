@@ -5,6 +5,7 @@
 pub mod captions;
 pub mod corpus;
 pub mod sampler;
+pub mod text_file;
 pub mod tokenize;
 
 pub use corpus::{PairedBatch, PairedCorpus, TextCorpus};

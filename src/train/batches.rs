@@ -118,7 +118,7 @@ impl BatchPlan {
         tokenizer: Tokenizer,
         dropout: (f32, f32),
     ) -> Result<Self> {
-        let text = TextCorpus::load(&cfg.data.text)?;
+        let text = TextCorpus::load(&cfg.data.text, &cfg.data.text_field)?;
         let paired = match (&cfg.data.paired, cfg.loss.uses_paired_data()) {
             (Some(dir), true) => Some(PairedCorpus::load(dir)?),
             _ => None,

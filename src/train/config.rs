@@ -58,8 +58,13 @@ pub enum HeadInit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Text corpora, one sentence a line (like wiki1m), concatenated in order.
+    /// Text corpora, concatenated in order, each read by its extension: `.txt` (one sentence a
+    /// line, like wiki1m), `.jsonl`, `.csv`, `.tsv` or `.parquet` (the field or column
+    /// `text_field`).
     pub text: Vec<PathBuf>,
+    /// The JSON field or the CSV/TSV/Parquet column holding the sentences.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
     /// A paired corpus in the teacher interchange format (needed by mcse and kdmcse).
     #[serde(default)]
     pub paired: Option<PathBuf>,
@@ -274,6 +279,9 @@ fn default_peer_timeout_s() -> f64 {
     crate::dist::watchdog::Liveness::default().peer_timeout.as_secs_f64()
 }
 
+fn default_text_field() -> String {
+    "text".into()
+}
 fn default_pooling() -> Pooling {
     Pooling::Cls
 }

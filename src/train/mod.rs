@@ -562,8 +562,12 @@ impl<'c> Trainer<'c> {
     }
 
     /// The error of a step whose loss or gradient is not finite: nothing of it is applied, saved
-    /// or exported.
-    fn diverged(&self, step: &StepMetrics, grad_norm: f64) -> anyhow::Error {
+    /// or exported. A checkpoint upload in flight holds an earlier, finite state: it commits first,
+    /// so that the error can name it.
+    fn diverged(&mut self, step: &StepMetrics, grad_norm: f64) -> anyhow::Error {
+        if let Some(Err(err)) = self.uploads.as_mut().map(Uploads::wait) {
+            tracing::error!("{err:#}");
+        }
         let last_good = match self.store.pointer(Pointer::Latest) {
             Ok(Some(name)) => format!("the last good checkpoint is {}/checkpoints/{name}", self.store.url()),
             Ok(None) => "no checkpoint was written".to_owned(),
