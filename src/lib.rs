@@ -15,6 +15,7 @@ pub mod embed;
 pub mod eval;
 pub mod events;
 pub mod export;
+pub mod hub;
 mod kernels;
 pub mod loss;
 pub mod model;

@@ -263,7 +263,7 @@ fn sts_scores(
     if loaded.is_empty() {
         bail!("{}: none of the STS tasks is there (expected stsb/, sick/, STS1x-en-test/)", data.display());
     }
-    let encoder = SentenceEncoder::load(model, pooler, None, device)?;
+    let encoder = SentenceEncoder::load(&kdmcse::hub::model_dir(model, "--model")?, pooler, None, device)?;
     let mut scores = Vec::new();
     for (task, task_data) in loaded {
         let sentences = task_data.sentences();
@@ -286,7 +286,8 @@ fn run_encode(args: EncodeArgs) -> Result<()> {
     let device = args.model.device.device()?;
     let lines = kdmcse::data::read_lines(&args.input)?;
     let sentences: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let encoder = SentenceEncoder::load(&args.model.model, args.model.pooler, args.max_len, &device)?;
+    let model = kdmcse::hub::model_dir(&args.model.model, "--model")?;
+    let encoder = SentenceEncoder::load(&model, args.model.pooler, args.max_len, &device)?;
     let bar = progress(sentences.len(), "encode");
     let embeddings = encoder.encode(&sentences, args.model.batch_size, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
@@ -384,6 +385,8 @@ fn run_check(args: CheckArgs) -> Result<()> {
     stage("collectives", &mut |r| kdmcse::check::collectives(group.comm.as_ref(), &device, r));
     stage("dropout_masks", &mut |r| kdmcse::check::dropout_masks(&device, r));
     if let Some(model) = &args.model {
+        let model = kdmcse::hub::model_dir(model, "--model")?;
+        let model = &model;
         for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
             let name = format!("encoder_{dtype:?}").to_lowercase();
             stage(&name, &mut |r| kdmcse::check::encoder(model, &device, dtype, r));
@@ -417,7 +420,8 @@ fn run_export(args: ExportArgs) -> Result<()> {
 fn run_precompute(args: PrecomputeArgs) -> Result<()> {
     in_range("--batch-size", args.batch_size, 1..)?;
     let device = args.device.device()?;
-    let teacher = kdmcse::model::clip::ClipTeacher::load(&args.clip, &device)?;
+    let teacher =
+        kdmcse::model::clip::ClipTeacher::load(&kdmcse::hub::model_dir(&args.clip, "--clip")?, &device)?;
     let grouped = kdmcse::data::captions::read_captions(&args.captions, &args.images)?;
     if grouped.is_empty() {
         bail!("no captioned images: {} against {}", args.captions.display(), args.images.display());

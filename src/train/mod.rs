@@ -176,7 +176,8 @@ impl<'c> Trainer<'c> {
     /// collectives run on the same stream).
     pub fn new(cfg: TrainConfig, comm: &'c dyn Communicator, device: Device) -> Result<Self> {
         cfg.validate()?;
-        let model_dir = &cfg.model.path;
+        // A Hub id is fetched into (or, offline, found in) the Hugging Face cache.
+        let model_dir = &crate::hub::model_dir(&cfg.model.path, "model.path")?;
         let encoder_config = crate::model::load_config(model_dir)?;
         let t = &cfg.train;
         let pad_id = encoder_config.pad_token_id as u32;
