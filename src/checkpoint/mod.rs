@@ -101,13 +101,59 @@ pub fn split_location(location: &str) -> Option<(&str, &str)> {
     location.rsplit_once("/checkpoints/").map(|(root, name)| (root, name.trim_end_matches('/')))
 }
 
+/// The object store of a remote `url`: S3 (`s3://`) and Azure Blob Storage (`az://`, `azure://`,
+/// `abfs://`, `abfss://`) read their credentials and endpoints from the environment as their SDKs
+/// do (`AWS_*`; `AZURE_STORAGE_*`, `AZURE_STORAGE_USE_EMULATOR` for Azurite), then `options`
+/// (object_store's config keys) over them, and retry transient errors; other schemes
+/// (`file://`, `memory://`) as object_store parses them. `gs://` is refused with the way that
+/// works: GCS's S3-compatible API (no emulator here speaks object_store's GCS protocol, so it is
+/// not built untested).
+fn remote_store(url: &url::Url, options: &[(&str, &str)]) -> Result<Box<dyn ObjectStore>> {
+    let retry = object_store::RetryConfig {
+        max_retries: 4,
+        retry_timeout: std::time::Duration::from_secs(30),
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(200),
+            max_backoff: std::time::Duration::from_secs(4),
+            base: 2.0,
+        },
+    };
+    macro_rules! configured {
+        ($builder:expr, $kind:literal) => {{
+            let mut builder = $builder;
+            for (key, value) in options {
+                let key = key.parse().with_context(|| format!("unknown {} option {key}", $kind))?;
+                builder = builder.with_config(key, *value);
+            }
+            Box::new(builder.with_url(url.as_str()).with_retry(retry).build()?) as Box<dyn ObjectStore>
+        }};
+    }
+    Ok(match url.scheme() {
+        "s3" | "s3a" => configured!(object_store::aws::AmazonS3Builder::from_env(), "S3"),
+        "gs" => bail!(
+            "gs:// is not built into kdmcse; use Google Cloud Storage through its S3-compatible API: \
+             s3://BUCKET/PREFIX with AWS_ENDPOINT_URL=https://storage.googleapis.com and an HMAC key as \
+             AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        ),
+        "az" | "azure" | "abfs" | "abfss" => {
+            configured!(object_store::azure::MicrosoftAzureBuilder::from_env(), "Azure")
+        }
+        _ => {
+            let mut all: Vec<(String, String)> = std::env::vars().collect();
+            all.extend(options.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            object_store::parse_url_opts(url, all)?.0
+        }
+    })
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
 impl CheckpointStore {
     /// Opens `location` to write to: a URL with a scheme `object_store` knows (`s3://bucket/prefix`
-    /// with the standard `AWS_*` variables, `file:///abs/path`, `gs://`, `az://`), or a plain path
+    /// with the standard `AWS_*` variables, `az://container/prefix` with `AZURE_STORAGE_*`,
+    /// `file:///abs/path`), or a plain path
     /// (created if missing).
     pub fn open(location: &str) -> Result<Self> {
         Self::open_with_options(location, &[])
@@ -128,33 +174,8 @@ impl CheckpointStore {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (store, root): (Arc<dyn ObjectStore>, StorePath) = if is_remote(location) {
             let url = url_parse(location)?;
-            let (store, root) = if url.scheme() == "s3" {
-                let retry = object_store::RetryConfig {
-                    max_retries: 4,
-                    retry_timeout: std::time::Duration::from_secs(30),
-                    backoff: object_store::BackoffConfig {
-                        init_backoff: std::time::Duration::from_millis(200),
-                        max_backoff: std::time::Duration::from_secs(4),
-                        base: 2.0,
-                    },
-                };
-                let mut builder = object_store::aws::AmazonS3Builder::from_env();
-                for (key, value) in options {
-                    let key = key.parse().with_context(|| format!("unknown S3 option {key}"))?;
-                    builder = builder.with_config(key, *value);
-                }
-                let store = builder
-                    .with_url(location)
-                    .with_retry(retry)
-                    .build()
-                    .with_context(|| format!("cannot open {location}"))?;
-                (Box::new(store) as Box<dyn ObjectStore>, StorePath::from_url_path(url.path())?)
-            } else {
-                let mut all: Vec<(String, String)> = std::env::vars().collect();
-                all.extend(options.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-                object_store::parse_url_opts(&url, all).with_context(|| format!("cannot open {location}"))?
-            };
-            (Arc::from(store), root)
+            let store = remote_store(&url, options).with_context(|| format!("cannot open {location}"))?;
+            (Arc::from(store), StorePath::from_url_path(url.path())?)
         } else {
             std::fs::create_dir_all(location).with_context(|| format!("cannot create {location}"))?;
             let store = object_store::local::LocalFileSystem::new_with_prefix(location)
