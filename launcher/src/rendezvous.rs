@@ -91,12 +91,7 @@ impl Rendezvous {
     fn wait_for_nodes(&mut self, round: u64) -> Result<bool> {
         let deadline = Instant::now() + self.timeout;
         loop {
-            let mut missing = Vec::new();
-            for node in 0..self.nnodes {
-                if self.client.check(&self.key(round, &format!("node/{node}")))?.is_none() {
-                    missing.push(node);
-                }
-            }
+            let missing = self.nodes_without(round, "node")?;
             if missing.is_empty() {
                 return Ok(true);
             }
@@ -111,6 +106,17 @@ impl Rendezvous {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// The nodes whose key `{what}/{node}` of `round` is not set yet.
+    fn nodes_without(&mut self, round: u64, what: &str) -> Result<Vec<usize>> {
+        let mut missing = Vec::new();
+        for node in 0..self.nnodes {
+            if self.client.check(&self.key(round, &format!("{what}/{node}")))?.is_none() {
+                missing.push(node);
+            }
+        }
+        Ok(missing)
     }
 
     /// Why `round` ended, if it has.
@@ -137,12 +143,7 @@ impl Rendezvous {
         self.client.set(&self.key(round, &format!("done/{}", self.node)), b"")?;
         let deadline = Instant::now() + self.timeout;
         loop {
-            let mut waiting = Vec::new();
-            for node in 0..self.nnodes {
-                if self.client.check(&self.key(round, &format!("done/{node}")))?.is_none() {
-                    waiting.push(node);
-                }
-            }
+            let waiting = self.nodes_without(round, "done")?;
             if waiting.is_empty() {
                 return Ok(None);
             }
