@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Checks a `kdmcse export` folder in Python: Hugging Face AutoModel and sentence-transformers load
-it, and sentence-transformers' embeddings equal `kdmcse encode`'s to 1e-4.
+it, sentence-transformers' embeddings equal `kdmcse encode`'s to 1e-4, and the Hub's model-card
+parser reads its README.md (front matter for sentence-transformers; the pooling, the config and,
+when the export was evaluated, the results in the text).
 
     python3 scripts/check-export.py EXPORT_DIR [KDMCSE_BIN]
 
@@ -47,6 +49,19 @@ def main() -> None:
     print(f"max |kdmcse - sentence-transformers| = {diff:.2e}")
     if diff > 1e-4:
         sys.exit(f"embeddings differ by {diff}")
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(export / "README.md")
+    pooling = model[1].pooling_mode  # "cls" or "mean", as sentence-transformers read 1_Pooling/
+    problems = [what for what, ok in [
+        ("library_name: sentence-transformers", card.data.library_name == "sentence-transformers"),
+        ("pipeline_tag: sentence-similarity", card.data.pipeline_tag == "sentence-similarity"),
+        (f"the pooling ({pooling})", f"{'avg' if pooling == 'mean' else pooling} pooling" in card.text),
+        ("the run's config", "[train]" in card.text and "[model]" in card.text),
+    ] if not ok]
+    if problems:
+        sys.exit(f"the model card lacks {problems}")
+    results = "## Evaluation" in card.text
+    print(f"model card: front matter and text read by huggingface_hub; results stated: {results}")
 
 
 if __name__ == "__main__":
