@@ -86,7 +86,8 @@ fn checkpoints_round_trip_through_azure_blob_storage_and_resume_exactly() {
     let resumed = events(&out.stdout, "resumed");
     assert_eq!(resumed[0]["checkpoint"], "step-00000002", "{resumed:?}");
 
-    // The test's own view of the container, as the child processes saw it.
+    // The test's own view of the container, as the child processes saw it. SAFETY: this binary's
+    // only test; no other thread reads the environment while it is set.
     unsafe {
         std::env::set_var("AZURE_STORAGE_USE_EMULATOR", "true");
         std::env::set_var("AZURITE_BLOB_STORAGE_URL", &azurite.url);
