@@ -27,9 +27,7 @@ const POOLING_CONFIG: &str = "1_Pooling/config.json";
 
 /// The files of the export of `checkpoint` (relative path -> contents).
 pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> {
-    let config_json = checkpoint.part(ENCODER_CONFIG)?;
-    let config: Config = serde_json::from_slice(config_json)
-        .with_context(|| format!("checkpoint {}: unreadable {}", checkpoint.name, ENCODER_CONFIG))?;
+    let config = encoder_config(checkpoint)?;
     let weights = candle_core::safetensors::load_buffer(checkpoint.part(MODEL)?, &Device::Cpu)?;
     let mut encoder: BTreeMap<String, Tensor> = weights
         .into_iter()
@@ -40,7 +38,7 @@ pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> 
     }
     let mut files = BTreeMap::new();
     files.insert("model.safetensors".to_owned(), Bytes::from(safetensors::serialize(&encoder, None)?));
-    files.insert("config.json".to_owned(), config_json.clone());
+    files.insert("config.json".to_owned(), checkpoint.part(ENCODER_CONFIG)?.clone());
     for (name, data) in &checkpoint.parts {
         if let Some(file) = name.strip_prefix(TOKENIZER_PREFIX) {
             files.insert(file.to_owned(), data.clone());
@@ -79,14 +77,17 @@ pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> 
     Ok(files)
 }
 
+/// The encoder's Hugging Face config that `checkpoint` carries.
+fn encoder_config(checkpoint: &Checkpoint) -> Result<Config> {
+    serde_json::from_slice(checkpoint.part(ENCODER_CONFIG)?)
+        .with_context(|| format!("checkpoint {}: unreadable {ENCODER_CONFIG}", checkpoint.name))
+}
+
 /// The model card of `checkpoint` (its config and trainer state), with STS results (task name,
 /// Spearman x100) when the export was evaluated.
 pub fn readme(checkpoint: &Checkpoint, sts: &[(String, f64)]) -> Result<String> {
     let name = &checkpoint.name;
-    let config_json = checkpoint.part(ENCODER_CONFIG)?;
-    let dim = serde_json::from_slice::<Config>(config_json)
-        .with_context(|| format!("checkpoint {name}: unreadable {ENCODER_CONFIG}"))?
-        .hidden_size;
+    let dim = encoder_config(checkpoint)?.hidden_size;
     let pooling = layout::pooling(checkpoint)?;
     let config_toml = String::from_utf8_lossy(checkpoint.part(layout::CONFIG)?).into_owned();
     let cfg: TrainConfig = toml::from_str(&config_toml)

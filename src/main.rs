@@ -385,8 +385,7 @@ fn run_check(args: CheckArgs) -> Result<()> {
     stage("collectives", &mut |r| kdmcse::check::collectives(group.comm.as_ref(), &device, r));
     stage("dropout_masks", &mut |r| kdmcse::check::dropout_masks(&device, r));
     if let Some(model) = &args.model {
-        let model = kdmcse::hub::model_dir(model, "--model")?;
-        let model = &model;
+        let model = &kdmcse::hub::model_dir(model, "--model")?;
         for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
             let name = format!("encoder_{dtype:?}").to_lowercase();
             stage(&name, &mut |r| kdmcse::check::encoder(model, &device, dtype, r));

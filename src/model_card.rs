@@ -43,10 +43,7 @@ fn quoted(text: &str) -> String {
 /// The card of an export of a run with config `cfg` (as TOML text `config_toml`).
 pub fn model_card(cfg: &TrainConfig, config_toml: &str, facts: &CardFacts) -> String {
     // A Hub id is the base model's name on the Hub; of a local folder only its name says anything.
-    let base = match crate::hub::HubId::parse(&cfg.model.path.to_string_lossy()) {
-        Some(id) if !cfg.model.path.exists() => id.repo,
-        _ => name_of(&cfg.model.path),
-    };
+    let base = crate::hub::hub_id(&cfg.model.path).map_or_else(|| name_of(&cfg.model.path), |id| id.repo);
     let mut datasets: Vec<String> = cfg.data.text.iter().map(|p| name_of(p)).collect();
     datasets.extend(cfg.data.paired.iter().map(|p| name_of(p)));
     let l = &cfg.loss;
