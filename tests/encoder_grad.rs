@@ -112,7 +112,7 @@ fn encoder_gradients_match_finite_differences() {
 }
 
 /// `embed` with CLS pooling skips the last layer's other positions; with dropout on it must
-/// still give exactly the first row of the full forward pass, and the same gradients.
+/// still give the first row of the full forward pass to rounding, and the same gradients.
 #[test]
 fn first_token_shortcut_equals_the_full_forward() {
     let device = Device::Cpu;
@@ -123,8 +123,11 @@ fn first_token_shortcut_equals_the_full_forward() {
     let full =
         Pooling::Cls.pool(&model.forward(&tokens, &dropout(0)).unwrap(), &tokens.attention_mask).unwrap();
     let short = model.embed(&tokens, &dropout(0), Pooling::Cls).unwrap();
+    // The shortcut runs the last layer's matmuls on one row instead of all, which gemm may block
+    // differently: rounding (5 ulps seen on one CI machine), where a wrong row or mask is off by O(0.1).
     let diff = (&full - &short).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff < 1e-6, "CLS shortcut differs by {diff}");
+    let scale = full.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= 1e-5 * scale.max(1.0), "CLS shortcut differs by {diff} (largest {scale})");
     let probe = Tensor::randn(0f32, 1.0, full.shape(), &device).unwrap();
     let g_full = (full * &probe).unwrap().sum_all().unwrap().backward().unwrap();
     let g_short = (short * &probe).unwrap().sum_all().unwrap().backward().unwrap();
