@@ -1,21 +1,30 @@
 //! Encoder throughput with MiniLM: encoding the STS-B test sentences (batch 128) and one training
-//! step (forward + backward of both dropout views, batch 64 x 2, max_len 32, SimCSE loss).
-//! Run with `scripts/bench-encode` (or `cargo bench --bench encoder`).
+//! step (forward + backward of both dropout views, batch 64 x 2, max_len 32, SimCSE loss), its
+//! backward both ways: candle's autograd of the whole graph, and the trainer's (autograd through
+//! the heads, then the encoder's written-out backward). For each, the tensors the step creates:
+//! every candle op, view or copy makes one (and all but views launch a kernel on a GPU), read off
+//! candle's tensor id counter. Run with `scripts/bench-encode` (or `cargo bench --bench encoder`).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor, Var};
 use kdmcse::data::{TokenBatch, Tokenizer};
 use kdmcse::embed::SentenceEncoder;
 use kdmcse::eval::{load_task, Task};
 use kdmcse::loss::Objective;
 use kdmcse::model::{dropout::example_key, dropout::Dropout, Pooling};
 use kdmcse::train::batches::{BatchKind, TwoViewBatch};
-use kdmcse::train::student::{HeadsSpec, Student};
+use kdmcse::train::student::{Embeddings, HeadsSpec, Student};
 
 #[global_allocator]
 static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
+
+/// How many tensors candle has created so far (its ids count up from 1; this call makes one).
+fn tensors_created() -> usize {
+    let id = format!("{:?}", Tensor::zeros((), DType::F32, &Device::Cpu).expect("a scalar").id());
+    id.trim_start_matches("TensorId(").trim_end_matches(')').parse().expect("TensorId(n)")
+}
 
 fn main() -> anyhow::Result<()> {
     kdmcse::keep_freed_memory();
@@ -67,21 +76,57 @@ fn main() -> anyhow::Result<()> {
         dropout: Dropout::disabled(),
         teacher: None,
     };
-    let mut step = |s: u64| -> anyhow::Result<f64> {
-        let keys = (0..128u64).map(|i| example_key(1234, s, i % 64, i / 64)).collect();
-        batch.dropout = Dropout::per_example(0.1, 0.1, keys);
-        let start = Instant::now();
-        let embeddings = student.forward(&batch)?;
-        let terms = objective.compute(&embeddings.z1, &embeddings.z2, None, 0)?;
-        let grads = terms.total.backward()?;
-        std::hint::black_box(grads);
-        Ok(start.elapsed().as_secs_f64())
-    };
-    step(0)?; // warm-up
-    let steps = 5;
-    let total: f64 = (1..=steps).map(&mut step).sum::<anyhow::Result<f64>>()?;
-    let per_step = total / steps as f64;
     let len = batch.tokens.input_ids.dim(1)?;
-    println!("train step (fwd+bwd, 64 x 2 views, max_len 32, padded to {len}): {per_step:.3} s = {:.0} sentences/s", 64.0 / per_step);
+    for written_out in [false, true] {
+        // (seconds, tensors created) of the forward and of the backward of one step.
+        type Phases = [(f64, usize); 2];
+        let mut step = |s: u64| -> anyhow::Result<Phases> {
+            let keys = (0..128u64).map(|i| example_key(1234, s, i % 64, i / 64)).collect();
+            batch.dropout = Dropout::per_example(0.1, 0.1, keys);
+            let (start, tensors) = (Instant::now(), tensors_created());
+            let mark = |from: (Instant, usize)| {
+                (
+                    (from.0.elapsed().as_secs_f64(), tensors_created() - from.1 - 1),
+                    (Instant::now(), tensors_created()),
+                )
+            };
+            let (forward, backward) = if written_out {
+                let forward = student.forward_for_backward(&batch)?;
+                let values = forward.embeddings.detach();
+                let (z1, z2) = (Var::from_tensor(&values.z1)?, Var::from_tensor(&values.z2)?);
+                let terms = objective.compute(z1.as_tensor(), z2.as_tensor(), None, 0)?;
+                let (forward_phase, backward_start) = mark((start, tensors));
+                let loss_grads = terms.total.backward()?;
+                let grad_of =
+                    |var: &Var| loss_grads.get(var.as_tensor()).cloned().expect("the loss reads z1, z2");
+                let embedding_grads = Embeddings::from_tensors(vec![grad_of(&z1), grad_of(&z2)]);
+                std::hint::black_box(student.backward(forward, &embedding_grads)?);
+                (forward_phase, mark(backward_start).0)
+            } else {
+                let embeddings = student.forward(&batch)?;
+                let terms = objective.compute(&embeddings.z1, &embeddings.z2, None, 0)?;
+                let (forward_phase, backward_start) = mark((start, tensors));
+                std::hint::black_box(terms.total.backward()?);
+                (forward_phase, mark(backward_start).0)
+            };
+            Ok([forward, backward])
+        };
+        step(0)?; // warm-up
+        let steps = 5;
+        let runs = (1..=steps).map(&mut step).collect::<anyhow::Result<Vec<_>>>()?;
+        let mean = |phase: usize| runs.iter().map(|r| r[phase].0).sum::<f64>() / steps as f64;
+        let (forward, backward) = (mean(0), mean(1));
+        let how = if written_out { "written-out encoder backward" } else { "candle autograd" };
+        println!(
+            "train step, {how} (64 x 2 views, max_len 32, padded to {len}): {:.3} s = {:.0} sentences/s; \
+             forward {forward:.3} s, backward {backward:.3} s ({:.2}x forward); tensors created: forward {}, \
+             backward {}",
+            forward + backward,
+            64.0 / (forward + backward),
+            backward / forward,
+            runs[0][0].1,
+            runs[0][1].1
+        );
+    }
     Ok(())
 }

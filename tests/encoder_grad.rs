@@ -1,12 +1,13 @@
 //! Training-path gradients of the encoder and heads on tiny random models (the transformers
 //! test recipe: vocab 99, hidden 32, 2 layers, 4 heads): every parameter gets a non-zero
-//! gradient, and the gradients agree with central finite differences.
+//! gradient, the gradients agree with central finite differences, and the written-out backward
+//! the trainer runs gives candle autograd's gradients.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, VarBuilder, VarMap};
 use kdmcse::data::TokenBatch;
 use kdmcse::loss::{Grounding, Objective};
-use kdmcse::model::bert::{BertModel, Config, ModelType};
+use kdmcse::model::bert::{BertModel, Config, HiddenAct, ModelType};
 use kdmcse::model::dropout::{example_key, Dropout};
 use kdmcse::model::heads::Heads;
 use kdmcse::model::Pooling;
@@ -176,4 +177,66 @@ fn bf16_mixed_precision_tracks_fp32() {
     let norm = |g: &[f32]| g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let cosine = dot / (norm(&grad32) * norm(&grad16));
     assert!(cosine > 0.999, "cosine of bf16 and fp32 gradients {cosine}");
+}
+
+/// `BertModel::backward` (the training step's) against candle's autograd of the same forward, on
+/// every path it has: BERT and RoBERTa, each activation, CLS (last layer on the first position
+/// only) and mean pooling, fp32 with the fused kernels, bf16 matmuls, and f64 weights (the
+/// composed fallbacks), dropout on.
+#[test]
+fn written_out_backward_matches_candles_autograd() {
+    let device = Device::Cpu;
+    let settings = [
+        (ModelType::Bert, HiddenAct::Gelu, DType::F32, DType::F32),
+        (ModelType::Roberta, HiddenAct::Gelu, DType::F32, DType::F32),
+        (ModelType::Bert, HiddenAct::GeluNew, DType::F32, DType::F32),
+        (ModelType::Bert, HiddenAct::Relu, DType::F32, DType::F32),
+        (ModelType::Bert, HiddenAct::Gelu, DType::F32, DType::BF16),
+        (ModelType::Bert, HiddenAct::Gelu, DType::F64, DType::F64),
+    ];
+    for (model_type, act, weights, compute) in settings {
+        for pooling in [Pooling::Cls, Pooling::Avg] {
+            let what = format!("{model_type:?} {act:?} {weights:?}/{compute:?} {pooling:?}");
+            let cfg = Config { hidden_act: act, ..Config::tiny(model_type) };
+            let varmap = VarMap::new();
+            let model = BertModel::load(VarBuilder::from_varmap(&varmap, weights, &device), &cfg)
+                .unwrap()
+                .with_compute_dtype(compute);
+            let tokens = batch(&device, &cfg);
+            let probe =
+                Tensor::randn(0f32, 1.0, (3, cfg.hidden_size), &device).unwrap().to_dtype(weights).unwrap();
+            let pooled = model.embed(&tokens, &dropout(0), pooling).unwrap();
+            let expected = (&pooled * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (pooled_too, tape) = model.embed_for_backward(&tokens, &dropout(0), pooling).unwrap();
+            let same = (&pooled - &pooled_too).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(
+                same.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+                0.0,
+                "{what}: forward"
+            );
+            let mut got = (pooled_too.detach().sum_all().unwrap() * 0.0).unwrap().backward().unwrap();
+            model.backward(tape, &probe, &mut got).unwrap();
+            // bf16: a few of its ulps (2^-8), as the two round at different places.
+            let tolerance = if compute == DType::BF16 { 3e-2 } else { 1e-5 };
+            let max =
+                |t: Tensor| t.max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            let vars = varmap.all_vars();
+            let largest = vars
+                .iter()
+                .map(|v| max(expected.get(v.as_tensor()).unwrap().abs().unwrap()))
+                .fold(0.0, f64::max);
+            for (name, var) in varmap.data().lock().unwrap().iter() {
+                let (a, b) = (expected.get(var.as_tensor()).unwrap(), got.get(var.as_tensor()));
+                let b = b.unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+                assert_eq!((a.dims(), a.dtype()), (b.dims(), b.dtype()), "{what}: {name}");
+                let (diff, scale) = (max((a - b).unwrap().abs().unwrap()), max(a.abs().unwrap()));
+                // Relative, with a floor for the key biases, whose gradient is zero but for
+                // rounding (softmax ignores a shift shared by a query's scores).
+                assert!(
+                    diff <= tolerance * scale.max(0.2 * largest),
+                    "{what}: {name} differs by {diff} (largest {scale})"
+                );
+            }
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! one struct per block, weight names from `VarBuilder` prefixes that mirror the Hugging Face
 //! checkpoint), plus what training needs: dropout on the embeddings, attention probabilities and
 //! hidden outputs, and LayerNorm/softmax with a backward pass. RoBERTa is the same network with
-//! positions offset past the padding index, so both share this file.
+//! positions offset past the padding index, so both share this file. Each block's forward also
+//! returns the activations its hand-written backward (`backward.rs`) reads.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
@@ -13,6 +14,10 @@ use serde::Deserialize;
 use super::dropout::{Dropout, Site};
 use crate::data::TokenBatch;
 use crate::ops;
+
+mod backward;
+
+pub use backward::EncoderTape;
 
 /// What the attention mask adds to the scores of padding keys: exp() of it is 0 in f32.
 const MASKED_KEY_BIAS: f64 = 1e9;
@@ -130,13 +135,14 @@ impl Linear {
 }
 
 impl Module for Linear {
+    /// `xs` in its dtype; the backward (`backward.rs`) takes the same input.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut out_dims = xs.dims().to_vec();
         let in_dim = out_dims.pop().expect("linear input has a last dimension");
         out_dims.push(self.weight.dim(0)?);
         let flat = xs.reshape(((), in_dim))?;
         let (weight, bias) = (self.weight.to_dtype(xs.dtype())?, self.bias.to_dtype(xs.dtype())?);
-        flat.matmul(&weight.t()?)?.broadcast_add(&bias)?.reshape(out_dims)
+        ops::linear(&flat, &weight, &bias)?.reshape(out_dims)
     }
 }
 
@@ -185,7 +191,13 @@ impl Embeddings {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, dropout: &Dropout) -> Result<Tensor> {
+    /// The embedded batch, and the sum the LayerNorm normalised (its backward's input).
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        dropout: &Dropout,
+    ) -> Result<(Tensor, Tensor)> {
         let (batch, len) = input_ids.dims2()?;
         // Right padding: real tokens take positions offset..offset+len; padded positions never
         // reach a real token's output (they are masked as attention keys).
@@ -195,7 +207,7 @@ impl Embeddings {
             .broadcast_as((batch, len))?;
         let xs = (self.word.forward(input_ids)? + self.position.forward(&positions)?)?;
         let xs = (xs + self.token_type.forward(token_type_ids)?)?;
-        dropout.apply(&self.layer_norm.forward(&xs)?, Site::Embeddings)
+        Ok((dropout.apply(&self.layer_norm.forward(&xs)?, Site::Embeddings)?, xs))
     }
 }
 
@@ -230,8 +242,9 @@ impl SelfAttention {
         })
     }
 
-    /// Attention of `queries` (all positions of `xs`, or a prefix of them) over all of `xs`.
-    /// Matmuls run in `compute`; the mask, softmax, residual and LayerNorm in `xs`'s dtype.
+    /// Attention of `queries` (all positions of `xs`, or a prefix of them) over all of `xs`, and
+    /// the activations of its backward. Matmuls run in `compute`; the mask, softmax, residual and
+    /// LayerNorm in `xs`'s dtype.
     fn forward(
         &self,
         xs: &Tensor,
@@ -239,24 +252,37 @@ impl SelfAttention {
         mask_bias: &Tensor,
         dropout: &Dropout,
         compute: DType,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, backward::AttentionActivations)> {
         let (batch, len, hidden) = xs.dims3()?;
         let query_len = queries.dim(1)?;
         let head_dim = hidden / self.num_heads;
+        // Heads as strided views `[batch, heads, len, head_dim]`: the matmuls read them in place.
         let heads = |t: Tensor, len: usize| -> Result<Tensor> {
-            t.reshape((batch, len, self.num_heads, head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((batch, len, self.num_heads, head_dim))?.transpose(1, 2)
         };
         let xs_c = xs.to_dtype(compute)?;
         let queries_c = if query_len == len { xs_c.clone() } else { queries.to_dtype(compute)? };
         let q = heads(self.query.forward(&queries_c)?, query_len)?;
         let k = heads(self.key.forward(&xs_c)?, len)?;
         let v = heads(self.value.forward(&xs_c)?, len)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?.to_dtype(xs.dtype())?;
-        let probs = ops::softmax_last_dim(&ops::add_constant(&scores, mask_bias)?)?;
-        let probs = dropout.apply(&probs, Site::AttentionProbs(self.layer))?.to_dtype(compute)?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, query_len, hidden))?;
+        let scores = ops::matmul(&q, &k.t()?)?.to_dtype(xs.dtype())?;
+        let probs = ops::attention_softmax(&scores, 1.0 / (head_dim as f64).sqrt(), mask_bias)?;
+        let kept = dropout.apply(&probs, Site::AttentionProbs(self.layer))?.to_dtype(compute)?;
+        let context = ops::matmul_merge_heads(&kept, &v)?;
         let out = dropout.apply(&self.output.forward(&context)?, Site::AttentionOutput(self.layer))?;
-        self.layer_norm.forward(&(out.to_dtype(xs.dtype())? + queries)?)
+        let residual = ops::add(&out.to_dtype(xs.dtype())?, queries)?;
+        let saved = backward::AttentionActivations {
+            xs: xs_c,
+            queries: queries_c,
+            q,
+            k,
+            v,
+            probs,
+            kept,
+            context,
+            residual: residual.clone(),
+        };
+        Ok((self.layer_norm.forward(&residual)?, saved))
     }
 }
 
@@ -280,16 +306,26 @@ impl FeedForward {
         })
     }
 
-    /// Matmuls and the activation run in `compute`; the residual and LayerNorm in `xs`'s dtype.
-    fn forward(&self, xs: &Tensor, dropout: &Dropout, compute: DType) -> Result<Tensor> {
-        let inner = self.intermediate.forward(&xs.to_dtype(compute)?)?;
-        let inner = match self.act {
+    /// The block's output and the activations of its backward. Matmuls and the activation run in
+    /// `compute`; the residual and LayerNorm in `xs`'s dtype.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        dropout: &Dropout,
+        compute: DType,
+    ) -> Result<(Tensor, backward::FeedForwardActivations)> {
+        let xs_c = xs.to_dtype(compute)?;
+        let inner = self.intermediate.forward(&xs_c)?;
+        let activated = match self.act {
             HiddenAct::Gelu => ops::gelu_erf(&inner)?,
             HiddenAct::GeluNew => inner.gelu()?,
             HiddenAct::Relu => inner.relu()?,
         };
-        let out = dropout.apply(&self.output.forward(&inner)?, Site::FeedForwardOutput(self.layer))?;
-        self.layer_norm.forward(&(out.to_dtype(xs.dtype())? + xs)?)
+        let out = dropout.apply(&self.output.forward(&activated)?, Site::FeedForwardOutput(self.layer))?;
+        let residual = ops::add(&out.to_dtype(xs.dtype())?, xs)?;
+        let saved =
+            backward::FeedForwardActivations { xs: xs_c, inner, activated, residual: residual.clone() };
+        Ok((self.layer_norm.forward(&residual)?, saved))
     }
 }
 
@@ -342,21 +378,41 @@ impl BertModel {
 
     /// Last hidden states `[batch, len, hidden]` of a right-padded batch.
     pub fn forward(&self, batch: &TokenBatch, dropout: &Dropout) -> Result<Tensor> {
-        self.run(batch, dropout, false)
+        Ok(self.run(batch, dropout, false)?.0)
     }
 
     /// Sentence embeddings `[batch, hidden]`. For CLS pooling the last layer runs for the first
     /// position only (its keys and values still come from every token): the same vectors as
     /// pooling [`Self::forward`], for 5/6 of the work on a 6-layer model.
     pub fn embed(&self, batch: &TokenBatch, dropout: &Dropout, pooling: super::Pooling) -> Result<Tensor> {
-        let first_only = pooling == super::Pooling::Cls;
-        let hidden = self.run(batch, dropout, first_only)?;
-        pooling.pool(&hidden, &batch.attention_mask)
+        Ok(self.embed_for_backward(batch, dropout, pooling)?.0)
     }
 
-    fn run(&self, tokens: &TokenBatch, dropout: &Dropout, last_layer_first_only: bool) -> Result<Tensor> {
+    /// [`Self::embed`], and the tape of activations that [`EncoderTape::backward`] turns into
+    /// the weights' gradients (the training step's backward; candle's autograd of the returned
+    /// tensor gives the same gradients, slower).
+    pub fn embed_for_backward(
+        &self,
+        batch: &TokenBatch,
+        dropout: &Dropout,
+        pooling: super::Pooling,
+    ) -> Result<(Tensor, EncoderTape)> {
+        let first_only = pooling == super::Pooling::Cls;
+        let (hidden, embedded, layers) = self.run(batch, dropout, first_only)?;
+        let tape = EncoderTape { tokens: batch.clone(), dropout: dropout.clone(), pooling, embedded, layers };
+        Ok((pooling.pool(&hidden, &batch.attention_mask)?, tape))
+    }
+
+    fn run(
+        &self,
+        tokens: &TokenBatch,
+        dropout: &Dropout,
+        last_layer_first_only: bool,
+    ) -> Result<(Tensor, Tensor, Vec<backward::LayerActivations>)> {
         let (batch, len) = tokens.input_ids.dims2()?;
-        let mut xs = self.embeddings.forward(&tokens.input_ids, &tokens.token_type_ids, dropout)?;
+        let (mut xs, embedded) =
+            self.embeddings.forward(&tokens.input_ids, &tokens.token_type_ids, dropout)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
         // Additive key mask: 0 for tokens, a large negative number for padding.
         let mask = tokens.attention_mask.to_dtype(xs.dtype())?;
         let mask_bias = ((mask - 1.0)? * MASKED_KEY_BIAS)?.reshape((batch, 1, 1, len))?;
@@ -366,10 +422,13 @@ impl BertModel {
             } else {
                 xs.clone()
             };
-            xs = layer.attention.forward(&xs, &queries, &mask_bias, dropout, self.compute_dtype)?;
-            xs = layer.feed_forward.forward(&xs, dropout, self.compute_dtype)?;
+            let (attended, attention) =
+                layer.attention.forward(&xs, &queries, &mask_bias, dropout, self.compute_dtype)?;
+            let (out, feed_forward) = layer.feed_forward.forward(&attended, dropout, self.compute_dtype)?;
+            layers.push((attention, feed_forward));
+            xs = out;
         }
-        Ok(xs)
+        Ok((xs, embedded, layers))
     }
 }
 

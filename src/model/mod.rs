@@ -31,6 +31,29 @@ impl Pooling {
             Pooling::Avg => bert::mean_pool(hidden, attention_mask),
         }
     }
+
+    /// The gradient of the hidden states `[batch, hidden_len, hidden]` (all positions, or the
+    /// first only where CLS pooling ran the last layer for it alone) from the pooled vectors'.
+    pub fn backward(
+        self,
+        grad: &Tensor,
+        attention_mask: &Tensor,
+        hidden_len: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, hidden) = grad.dims2()?;
+        let first = grad.unsqueeze(1)?;
+        match self {
+            Pooling::Cls if hidden_len == 1 => Ok(first),
+            Pooling::Cls => {
+                let rest = Tensor::zeros((batch, hidden_len - 1, hidden), grad.dtype(), grad.device())?;
+                Tensor::cat(&[first, rest], 1)
+            }
+            Pooling::Avg => {
+                let mask = attention_mask.to_dtype(grad.dtype())?.unsqueeze(2)?;
+                first.broadcast_div(&mask.sum(1)?.unsqueeze(1)?)?.broadcast_mul(&mask)
+            }
+        }
+    }
 }
 
 /// Reads `DIR/config.json`; an architecture other than BERT/RoBERTa is an error naming the file.

@@ -1,30 +1,47 @@
-//! Binary ops whose second operand is a constant (attention and dropout masks): no gradient work
-//! for the constant.
+//! Elementwise sums and products: with a constant second operand (attention and dropout masks),
+//! no gradient work for it; on the CPU, f32 operands of one shape are split across threads
+//! (candle's binary ops run on one).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `lhs + rhs`, operands of one shape.
+pub fn add(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    if lhs.shape() == rhs.shape() {
+        lhs.apply_op2(rhs, Elementwise::Add)
+    } else {
+        candle_core::bail!("add: shapes {:?} and {:?}", lhs.dims(), rhs.dims())
+    }
+}
 
 /// `xs + constant`, the constant broadcast to `xs`'s shape, with no gradient for the constant
 /// (an attention mask).
 pub fn add_constant(xs: &Tensor, constant: &Tensor) -> Result<Tensor> {
-    xs.apply_op2(&constant.broadcast_as(xs.shape())?, WithConstant::Add)
+    xs.apply_op2(&constant.broadcast_as(xs.shape())?, Elementwise::AddConstant)
 }
 
 /// `xs * constant`, the constant broadcast to `xs`'s shape, with no gradient for the constant
 /// (a dropout mask).
 pub fn mul_constant(xs: &Tensor, constant: &Tensor) -> Result<Tensor> {
-    xs.apply_op2(&constant.broadcast_as(xs.shape())?, WithConstant::Mul)
+    xs.apply_op2(&constant.broadcast_as(xs.shape())?, Elementwise::MulConstant)
 }
 
-/// A binary op whose second operand is a constant. candle's own binary ops compute, zero-fill
-/// and accumulate a gradient for both operands, which for a mask is three wasted passes over
-/// it per backward; here the backward only touches `xs`'s gradient. Forward: candle's kernels.
+/// An elementwise sum or product. With a constant second operand the backward only touches the
+/// first one's gradient (candle's own binary ops compute, zero-fill and accumulate a gradient for
+/// both, three wasted passes over a mask per backward). Forward: candle's kernels, or on the CPU
+/// a pass split across threads for contiguous f32 operands.
 #[derive(Debug, Clone, Copy)]
-enum WithConstant {
+enum Elementwise {
     Add,
-    Mul,
+    AddConstant,
+    MulConstant,
 }
 
-impl WithConstant {
+impl Elementwise {
+    fn is_add(self) -> bool {
+        !matches!(self, Elementwise::MulConstant)
+    }
+
     fn apply<S: candle_core::backend::BackendStorage>(
         self,
         s1: &S,
@@ -32,19 +49,21 @@ impl WithConstant {
         s2: &S,
         l2: &Layout,
     ) -> Result<(S, Shape)> {
-        let out = match self {
-            WithConstant::Add => s1.binary_impl::<candle_core::op::Add>(s2, l1, l2)?,
-            WithConstant::Mul => s1.binary_impl::<candle_core::op::Mul>(s2, l1, l2)?,
+        let out = if self.is_add() {
+            s1.binary_impl::<candle_core::op::Add>(s2, l1, l2)?
+        } else {
+            s1.binary_impl::<candle_core::op::Mul>(s2, l1, l2)?
         };
         Ok((out, l1.shape().clone()))
     }
 }
 
-impl CustomOp2 for WithConstant {
+impl CustomOp2 for Elementwise {
     fn name(&self) -> &'static str {
         match self {
-            WithConstant::Add => "kdmcse-add-constant",
-            WithConstant::Mul => "kdmcse-mul-constant",
+            Elementwise::Add => "kdmcse-add",
+            Elementwise::AddConstant => "kdmcse-add-constant",
+            Elementwise::MulConstant => "kdmcse-mul-constant",
         }
     }
 
@@ -55,7 +74,21 @@ impl CustomOp2 for WithConstant {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.apply(s1, l1, s2, l2)
+        let contiguous = |l: &Layout| l.contiguous_offsets().map(|(start, end)| start..end);
+        let (CpuStorage::F32(a), CpuStorage::F32(b), Some(ra), Some(rb)) =
+            (s1, s2, contiguous(l1), contiguous(l2))
+        else {
+            return self.apply(s1, l1, s2, l2);
+        };
+        let (a, b) = (&a[ra], &b[rb]);
+        let mut out = Vec::new();
+        let pairs = a.par_iter().zip(b.par_iter()).with_min_len(1 << 14);
+        if self.is_add() {
+            pairs.map(|(a, b)| a + b).collect_into_vec(&mut out);
+        } else {
+            pairs.map(|(a, b)| a * b).collect_into_vec(&mut out);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -71,15 +104,15 @@ impl CustomOp2 for WithConstant {
 
     fn bwd(
         &self,
-        _xs: &Tensor,
-        constant: &Tensor,
+        _lhs: &Tensor,
+        rhs: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = match self {
-            WithConstant::Add => grad.clone(),
-            WithConstant::Mul => grad.mul(constant)?,
-        };
-        Ok((Some(dx), None))
+        Ok(match self {
+            Elementwise::Add => (Some(grad.clone()), Some(grad.clone())),
+            Elementwise::AddConstant => (Some(grad.clone()), None),
+            Elementwise::MulConstant => (Some(mul_constant(grad, rhs)?), None),
+        })
     }
 }

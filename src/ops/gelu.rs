@@ -74,7 +74,16 @@ impl CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad_res.contiguous()?, &GeluErfBackward)?))
+        Ok(Some(gelu_erf_backward(arg, grad_res)?))
+    }
+}
+
+/// The GELU's input gradient from its input and the output's gradient.
+pub fn gelu_erf_backward(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if fused(xs) && grad.dtype() == xs.dtype() {
+        xs.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBackward)
+    } else {
+        Ok(super::vjp(|x| x[0].gelu_erf(), &[xs], grad)?.remove(0))
     }
 }
 

@@ -102,19 +102,35 @@ impl CustomOp3 for LayerNorm {
         &self,
         xs: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dim = weight.dim(0)?;
-        let (xs2, grad2) = (xs.reshape(((), dim))?.contiguous()?, grad.reshape(((), dim))?.contiguous()?);
-        let rows = xs2.dim(0)?;
-        let packed =
-            xs2.apply_op3_no_bwd(&weight.contiguous()?, &grad2, &LayerNormBackward { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, rows)?.reshape(xs.shape())?;
-        let (dw, db) = (packed.get(rows)?, packed.get(rows + 1)?);
+        let (dx, dw, db) = layer_norm_backward(xs, weight, bias, grad, self.eps)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// The gradients of LayerNorm's input, weight and bias from the output's gradient.
+pub fn layer_norm_backward(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if !(fused(xs) && grad.dtype() == xs.dtype()) {
+        let f = |t: &[Tensor]| layer_norm_composed(&t[0], &t[1], &t[2], eps);
+        let mut out = super::vjp(f, &[xs, weight, bias], grad)?.into_iter();
+        let mut next = || out.next().expect("three gradients");
+        return Ok((next(), next(), next()));
+    }
+    let dim = weight.dim(0)?;
+    let (xs2, grad2) = (xs.reshape(((), dim))?.contiguous()?, grad.reshape(((), dim))?.contiguous()?);
+    let rows = xs2.dim(0)?;
+    let packed = xs2.apply_op3_no_bwd(&weight.contiguous()?, &grad2, &LayerNormBackward { eps })?;
+    let dx = packed.narrow(0, 0, rows)?.reshape(xs.shape())?;
+    Ok((dx, packed.get(rows)?, packed.get(rows + 1)?))
 }
 
 /// The LayerNorm backward of `(xs [rows, dim], weight, grad [rows, dim])`, packed as one

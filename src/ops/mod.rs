@@ -1,25 +1,47 @@
-//! kdmcse's own tensor ops, one file each: the fused training ops with hand-written backward
-//! (softmax, LayerNorm, GELU), binary ops with a constant operand (masks), the dropout mask, and
-//! AdamW's in-place updates. Each runs a CPU kernel here and a CUDA kernel from `src/kernels/`
-//! with the same arithmetic; on other devices and dtypes the differentiable ones fall back to a
-//! composition of candle primitives. The composed versions are public so tests can check the
-//! fused kernels against them.
+//! kdmcse's own tensor ops, one file each: the fused training ops and their backward (softmax
+//! and attention's softmax, LayerNorm, GELU; the backward public for the encoder's written-out
+//! one), elementwise sums and products (masks as constants), matrix products, the dropout mask,
+//! and AdamW's in-place updates. The fused ops run a CPU kernel here and a CUDA kernel from
+//! `src/kernels/` with the same arithmetic; the matrix products, elementwise ops and softmax
+//! backward have CPU kernels only (on a GPU they are candle's, which already use the device's
+//! threads). On other devices and dtypes every op falls back to a composition of candle
+//! primitives (and [`vjp`]); the composed versions are public so tests can check the fused
+//! kernels against them.
 
 mod adamw;
 mod constant;
 mod dropout_mask;
 mod gelu;
 mod layer_norm;
+mod matmul;
 mod softmax;
 
 pub(crate) use adamw::{AdamUpdate, Lerp};
-pub use constant::{add_constant, mul_constant};
+pub use constant::{add, add_constant, mul_constant};
 pub(crate) use dropout_mask::{dropout_mask, mix};
-pub use gelu::gelu_erf;
-pub use layer_norm::{layer_norm, layer_norm_composed};
-pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
+pub use gelu::{gelu_erf, gelu_erf_backward};
+pub use layer_norm::{layer_norm, layer_norm_backward, layer_norm_composed};
+pub use matmul::{linear, matmul, matmul_merge_heads, sum_rows};
+pub use softmax::{
+    attention_softmax, attention_softmax_backward, softmax_last_dim, softmax_last_dim_backward,
+    softmax_last_dim_composed,
+};
 
-use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor, Var};
+
+/// The vector-Jacobian product of `f` at `inputs` with the output's gradient `grad`, by candle's
+/// autograd: each input's gradient (zeros where `f` ignores it). The backward of the ops (and
+/// dtypes or devices) that have no kernel of their own.
+pub fn vjp(
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[&Tensor],
+    grad: &Tensor,
+) -> Result<Vec<Tensor>> {
+    let vars = inputs.iter().map(|t| Var::from_tensor(t)).collect::<Result<Vec<_>>>()?;
+    let leaves: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = (f(&leaves)? * grad.detach())?.sum_all()?.backward()?;
+    leaves.iter().map(|leaf| grads.get(leaf).cloned().map_or_else(|| leaf.zeros_like(), Ok)).collect()
+}
 
 /// The launch shapes of the CUDA kernels, as (blocks, threads per block); the host tests run the
 /// kernels with the same shapes.
@@ -139,14 +161,16 @@ mod cuda {
     }
 }
 
+/// The largest absolute difference of two tensors of one shape (the ops' tests).
+#[cfg(test)]
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
 
     /// The fused kernels and their backward agree with the composed ops candle differentiates.
     #[test]

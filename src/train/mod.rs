@@ -467,7 +467,8 @@ impl<'c> Trainer<'c> {
 
     /// Forward and backward of one micro-batch (one pool): plan -> student (chunk by chunk,
     /// values only, unless the rank's batch is one chunk) -> objective over the pool -> the
-    /// cached embedding gradients back-propagated through each chunk (re-run with its graph).
+    /// cached embedding gradients back-propagated through each chunk (re-run, keeping its
+    /// activations, unless it was the only one): `Student::backward`.
     /// Returns its metrics and this rank's gradients in the optimiser's parameter order; they are
     /// all-reduced once per optimiser step, never per chunk.
     fn micro_step(&mut self) -> Result<(MicroMetrics, Vec<Option<Tensor>>)> {
@@ -478,13 +479,15 @@ impl<'c> Trainer<'c> {
         let starts: Vec<usize> = (0..batch.examples).step_by(size).collect();
         let chunk = |start: usize| batch.chunk(start, size.min(batch.examples - start));
         let single = starts.len() == 1;
-        let mut kept_graph = None;
+        let mut kept = None;
         let mut values = Vec::with_capacity(starts.len());
         for &start in &starts {
-            let embeddings = self.student.forward(&chunk(start)?)?;
-            values.push(embeddings.detach());
             if single {
-                kept_graph = Some(embeddings);
+                let forward = self.student.forward_for_backward(&chunk(start)?)?;
+                values.push(forward.embeddings.detach());
+                kept = Some(forward);
+            } else {
+                values.push(self.student.forward(&chunk(start)?)?.detach());
             }
         }
         let (loss, grads) = self.pool_objective(&Embeddings::cat(&values)?, &batch)?;
@@ -493,12 +496,12 @@ impl<'c> Trainer<'c> {
         let backward_started = Instant::now();
         let mut total: Option<Vec<Option<Tensor>>> = None;
         for &start in &starts {
-            let embeddings = match kept_graph.take() {
-                Some(embeddings) => embeddings,
-                None => self.student.forward(&chunk(start)?)?,
+            let forward = match kept.take() {
+                Some(forward) => forward,
+                None => self.student.forward_for_backward(&chunk(start)?)?,
             };
-            let len = embeddings.z1.dim(0)?;
-            let param_grads = embeddings.surrogate(&grads.narrow(start, len)?)?.backward()?;
+            let len = forward.embeddings.z1.dim(0)?;
+            let param_grads = self.student.backward(forward, &grads.narrow(start, len)?)?;
             let param_grads =
                 self.optimizer.params().map(|(_, var)| param_grads.get(var.as_tensor()).cloned()).collect();
             total = Some(match total {

@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
@@ -13,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use super::batches::TwoViewBatch;
 use super::config::HeadInit;
 use crate::checkpoint::layout::{ENCODER_PREFIX, HEADS_PREFIX};
+use crate::model::bert::EncoderTape;
 use crate::model::heads::{HeadShape, Heads};
 use crate::model::{self, BertModel, Pooling};
 
@@ -88,8 +90,8 @@ impl Embeddings {
 
     /// `sum(e * g)` over every embedding `e` and its gradient `g` from `grads`: its gradient with
     /// respect to `e` is exactly `g`, so its backward carries cached embedding gradients into the
-    /// student.
-    pub fn surrogate(&self, grads: &Embeddings) -> Result<Tensor> {
+    /// heads.
+    fn surrogate(&self, grads: &Embeddings) -> Result<Tensor> {
         let terms = self
             .tensors()
             .into_iter()
@@ -98,6 +100,14 @@ impl Embeddings {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::stack(&terms, 0)?.sum_all()?)
     }
+}
+
+/// A forward of the student kept for its backward: the embeddings, whose graph reaches back to
+/// the sentence vectors (a leaf), and the encoder's activations.
+pub struct TrainingForward {
+    pub embeddings: Embeddings,
+    sentences: Var,
+    tape: EncoderTape,
 }
 
 pub struct Student {
@@ -165,14 +175,39 @@ impl Student {
 
     /// The embeddings of `batch`'s two views (and of its teacher features on a paired batch).
     pub fn forward(&self, batch: &TwoViewBatch) -> Result<Embeddings> {
+        self.heads_forward(&self.encoder.embed(&batch.tokens, &batch.dropout, self.pooling)?, batch)
+    }
+
+    /// [`Self::forward`], kept for [`Self::backward`].
+    pub fn forward_for_backward(&self, batch: &TwoViewBatch) -> Result<TrainingForward> {
+        let (sentences, tape) =
+            self.encoder.embed_for_backward(&batch.tokens, &batch.dropout, self.pooling)?;
+        let sentences = Var::from_tensor(&sentences.detach())?;
+        let embeddings = self.heads_forward(sentences.as_tensor(), batch)?;
+        Ok(TrainingForward { embeddings, sentences, tape })
+    }
+
+    /// The gradient of every trainable variable given the gradients of `forward`'s embeddings:
+    /// candle's autograd through the heads down to the sentence vectors, then the encoder's
+    /// written-out backward.
+    pub fn backward(&self, forward: TrainingForward, grads: &Embeddings) -> Result<GradStore> {
+        let TrainingForward { embeddings, sentences, tape } = forward;
+        let mut store = embeddings.surrogate(grads)?.backward()?;
+        let grad_sentences =
+            store.remove(sentences.as_tensor()).context("the heads read the sentence vectors")?;
+        self.encoder.backward(tape, &grad_sentences, &mut store)?;
+        Ok(store)
+    }
+
+    /// The heads' outputs from the sentence vectors `h` of `batch`'s two views.
+    fn heads_forward(&self, h: &Tensor, batch: &TwoViewBatch) -> Result<Embeddings> {
         let b = batch.examples;
-        let h = self.encoder.embed(&batch.tokens, &batch.dropout, self.pooling)?;
-        let z = self.heads.mlp.forward(&h)?;
+        let z = self.heads.mlp.forward(h)?;
         let (z1, z2) = (z.narrow(0, 0, b)?, z.narrow(0, b, b)?);
         let grounding = match &batch.teacher {
             None => None,
             Some(teacher) => {
-                let p = self.heads.grounding.forward(&h)?;
+                let p = self.heads.grounding.forward(h)?;
                 Some(GroundingEmbeddings {
                     p1: p.narrow(0, 0, b)?,
                     p2: p.narrow(0, b, b)?,

@@ -1,0 +1,191 @@
+//! The encoder's backward, written out: from the gradient of the pooled sentence vectors to every
+//! weight's gradient, each computed once from the activations the forward kept (the training
+//! step's backward). candle's autograd of the same forward gives the same gradients, but it
+//! zero-fills and accumulates a buffer for every operand of every op and differentiates through
+//! every view and cast; here each gradient is one matmul or one fused kernel, written once.
+//! `tests/encoder_grad.rs` checks it against candle's autograd.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor};
+use candle_nn::Embedding;
+
+use super::{BertModel, Embeddings, FeedForward, HiddenAct, LayerNorm, Linear, SelfAttention};
+use crate::data::TokenBatch;
+use crate::model::dropout::{Dropout, Site};
+use crate::model::Pooling;
+use crate::ops;
+
+/// What attention's backward reads: the inputs of its matmuls (in the compute dtype), the softmax
+/// output before and after dropout, and the residual sum the LayerNorm normalised.
+pub(super) struct AttentionActivations {
+    pub(super) xs: Tensor,
+    pub(super) queries: Tensor,
+    pub(super) q: Tensor,
+    pub(super) k: Tensor,
+    pub(super) v: Tensor,
+    pub(super) probs: Tensor,
+    pub(super) kept: Tensor,
+    pub(super) context: Tensor,
+    pub(super) residual: Tensor,
+}
+
+/// What the feed-forward block's backward reads.
+pub(super) struct FeedForwardActivations {
+    pub(super) xs: Tensor,
+    pub(super) inner: Tensor,
+    pub(super) activated: Tensor,
+    pub(super) residual: Tensor,
+}
+
+pub(super) type LayerActivations = (AttentionActivations, FeedForwardActivations);
+
+/// One forward's activations, from [`BertModel::embed_for_backward`].
+pub struct EncoderTape {
+    pub(super) tokens: TokenBatch,
+    pub(super) dropout: Dropout,
+    pub(super) pooling: Pooling,
+    /// The embeddings' sum before their LayerNorm.
+    pub(super) embedded: Tensor,
+    pub(super) layers: Vec<LayerActivations>,
+}
+
+impl BertModel {
+    /// Adds the gradient of every encoder weight to `grads` (keyed by the weights' variables),
+    /// given the gradient of the pooled vectors `tape`'s forward returned. Dropout masks are
+    /// recomputed from their keys rather than kept.
+    pub fn backward(&self, tape: EncoderTape, grad_pooled: &Tensor, grads: &mut GradStore) -> Result<()> {
+        let EncoderTape { tokens, dropout, pooling, embedded, mut layers } = tape;
+        let hidden_len = match layers.last() {
+            Some((_, feed_forward)) => feed_forward.residual.dim(1)?,
+            None => embedded.dim(1)?,
+        };
+        let mut grad = pooling.backward(grad_pooled, &tokens.attention_mask, hidden_len)?;
+        // Last layer first, each layer's activations freed as soon as they are used.
+        for layer in self.layers.iter().rev() {
+            let (attention, feed_forward) = layers.pop().expect("one activation set per layer");
+            grad = layer.feed_forward.backward(&feed_forward, &grad, &dropout, grads)?;
+            grad = layer.attention.backward(&attention, &grad, &dropout, grads)?;
+        }
+        self.embeddings.backward(&tokens, &dropout, &embedded, &grad, grads)
+    }
+}
+
+impl Linear {
+    /// Given the forward's input (in the matmul's dtype) and the output's gradient: the weight
+    /// and bias gradients (in the weights' dtype) into `grads`; returns the input's gradient.
+    /// The matmuls read transposes as strided views, never copies.
+    fn backward(&self, input: &Tensor, grad_out: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let x = input.reshape(((), in_dim))?;
+        let g = grad_out.to_dtype(x.dtype())?.reshape(((), out_dim))?;
+        grads.insert(&self.weight, ops::matmul(&g.t()?, &x)?.to_dtype(self.weight.dtype())?);
+        // Summed in the bias's dtype: a bf16 sum over thousands of rows would lose the gradient.
+        grads.insert(&self.bias, ops::sum_rows(&g.to_dtype(self.bias.dtype())?)?);
+        let mut dims = grad_out.dims().to_vec();
+        *dims.last_mut().expect("a linear output has a last dimension") = in_dim;
+        ops::matmul(&g, &self.weight.to_dtype(x.dtype())?)?.reshape(dims)
+    }
+}
+
+impl LayerNorm {
+    /// The weight and bias gradients into `grads`; returns the input's gradient.
+    fn backward(&self, xs: &Tensor, grad: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        let (dx, dw, db) = ops::layer_norm_backward(xs, &self.weight, &self.bias, grad, self.eps)?;
+        grads.insert(&self.weight, dw);
+        grads.insert(&self.bias, db);
+        Ok(dx)
+    }
+}
+
+impl Embeddings {
+    /// The gradients of the three tables and the LayerNorm, from the gradient of the block's
+    /// output: each table's rows get the sum of the gradients at the positions that read them.
+    fn backward(
+        &self,
+        tokens: &TokenBatch,
+        dropout: &Dropout,
+        embedded: &Tensor,
+        grad: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<()> {
+        let grad = dropout.apply(grad, Site::Embeddings)?;
+        let grad = self.layer_norm.backward(embedded, &grad, grads)?;
+        let (batch, len, hidden) = grad.dims3()?;
+        let rows = grad.reshape((batch * len, hidden))?;
+        let scatter = |table: &Embedding, ids: &Tensor, rows: &Tensor| -> Result<Tensor> {
+            table.embeddings().zeros_like()?.index_add(&ids.flatten_all()?, rows, 0)
+        };
+        grads.insert(self.word.embeddings(), scatter(&self.word, &tokens.input_ids, &rows)?);
+        grads.insert(self.token_type.embeddings(), scatter(&self.token_type, &tokens.token_type_ids, &rows)?);
+        let start = self.position_offset as u32;
+        let positions = Tensor::arange(start, start + len as u32, grad.device())?;
+        grads.insert(self.position.embeddings(), scatter(&self.position, &positions, &grad.sum(0)?)?);
+        Ok(())
+    }
+}
+
+impl SelfAttention {
+    /// The gradient of `xs` (every position) from the gradient of the block's output, which
+    /// covers the query positions only.
+    fn backward(
+        &self,
+        saved: &AttentionActivations,
+        grad: &Tensor,
+        dropout: &Dropout,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let a = saved;
+        let (batch, len, hidden) = a.xs.dims3()?;
+        let query_len = a.queries.dim(1)?;
+        let head_dim = hidden / self.num_heads;
+        let compute = a.xs.dtype();
+        let d_residual = self.layer_norm.backward(&a.residual, grad, grads)?;
+        let d_out = dropout.apply(&d_residual.to_dtype(compute)?, Site::AttentionOutput(self.layer))?;
+        let d_context = self
+            .output
+            .backward(&a.context, &d_out, grads)?
+            .reshape((batch, query_len, self.num_heads, head_dim))?
+            .transpose(1, 2)?;
+        let d_kept = ops::matmul(&d_context, &a.v.t()?)?.to_dtype(a.probs.dtype())?;
+        let d_v = ops::matmul_merge_heads(&a.kept.t()?, &d_context)?;
+        let d_probs = dropout.apply(&d_kept, Site::AttentionProbs(self.layer))?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let d_scores = ops::attention_softmax_backward(&a.probs, &d_probs, scale)?.to_dtype(compute)?;
+        let d_q = ops::matmul_merge_heads(&d_scores, &a.k)?;
+        let d_k = ops::matmul_merge_heads(&d_scores.t()?, &a.q)?;
+        let d_queries = self.query.backward(&a.queries, &d_q, grads)?;
+        let d_keys = self.key.backward(&a.xs, &d_k, grads)?;
+        let d_values = self.value.backward(&a.xs, &d_v, grads)?;
+        let d_queries = ops::add(&d_queries.to_dtype(grad.dtype())?, &d_residual)?;
+        let d_xs = ops::add(&d_keys, &d_values)?.to_dtype(grad.dtype())?;
+        if query_len == len {
+            ops::add(&d_xs, &d_queries)
+        } else {
+            let first = ops::add(&d_xs.narrow(1, 0, query_len)?, &d_queries)?;
+            Tensor::cat(&[first, d_xs.narrow(1, query_len, len - query_len)?], 1)
+        }
+    }
+}
+
+impl FeedForward {
+    /// The gradient of the block's input from the gradient of its output.
+    fn backward(
+        &self,
+        saved: &FeedForwardActivations,
+        grad: &Tensor,
+        dropout: &Dropout,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let d_residual = self.layer_norm.backward(&saved.residual, grad, grads)?;
+        let d_out =
+            dropout.apply(&d_residual.to_dtype(saved.xs.dtype())?, Site::FeedForwardOutput(self.layer))?;
+        let d_activated = self.output.backward(&saved.activated, &d_out, grads)?;
+        let d_inner = match self.act {
+            HiddenAct::Gelu => ops::gelu_erf_backward(&saved.inner, &d_activated)?,
+            HiddenAct::GeluNew => ops::vjp(|x| x[0].gelu(), &[&saved.inner], &d_activated)?.remove(0),
+            HiddenAct::Relu => ops::vjp(|x| x[0].relu(), &[&saved.inner], &d_activated)?.remove(0),
+        };
+        let d_xs = self.intermediate.backward(&saved.xs, &d_inner, grads)?;
+        ops::add(&d_xs.to_dtype(d_residual.dtype())?, &d_residual)
+    }
+}
