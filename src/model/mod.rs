@@ -145,3 +145,30 @@ pub fn load_encoder(dir: &Path, device: &Device) -> anyhow::Result<BertModel> {
     let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, device);
     BertModel::load(vb, &config).with_context(|| format!("{}: weights do not fit config.json", dir.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both poolings' backward, over all positions and (CLS) over the first only, against
+    /// candle's autograd of the pooling; padding positions get no gradient.
+    #[test]
+    fn pooling_backward_matches_autograd() {
+        let device = Device::Cpu;
+        let hidden = Tensor::randn(0f32, 1.0, (2, 4, 3), &device).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 0, 0]], &device).unwrap();
+        let grad = Tensor::randn(0f32, 1.0, (2, 3), &device).unwrap();
+        for pooling in [Pooling::Cls, Pooling::Avg] {
+            let expected =
+                crate::ops::vjp(|h| pooling.pool(&h[0], &mask), &[&hidden], &grad).unwrap().remove(0);
+            let got = pooling.backward(&grad, &mask, 4).unwrap();
+            let diff =
+                (&expected - &got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "{pooling:?}: {diff}");
+            let padding = got.get(1).unwrap().narrow(0, 2, 2).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(padding.to_scalar::<f32>().unwrap(), 0.0, "{pooling:?}: padding");
+        }
+        let first = Pooling::Cls.backward(&grad, &mask, 1).unwrap();
+        assert_eq!(first.dims(), [2, 1, 3]);
+    }
+}
