@@ -378,18 +378,19 @@ impl BertModel {
 
     /// Last hidden states `[batch, len, hidden]` of a right-padded batch.
     pub fn forward(&self, batch: &TokenBatch, dropout: &Dropout) -> Result<Tensor> {
-        Ok(self.run(batch, dropout, false)?.0)
+        Ok(self.run(batch, dropout, false, None)?.0)
     }
 
     /// Sentence embeddings `[batch, hidden]`. For CLS pooling the last layer runs for the first
     /// position only (its keys and values still come from every token): the same vectors as
     /// pooling [`Self::forward`], for 5/6 of the work on a 6-layer model.
     pub fn embed(&self, batch: &TokenBatch, dropout: &Dropout, pooling: super::Pooling) -> Result<Tensor> {
-        Ok(self.embed_for_backward(batch, dropout, pooling)?.0)
+        let (hidden, _) = self.run(batch, dropout, pooling == super::Pooling::Cls, None)?;
+        pooling.pool(&hidden, &batch.attention_mask)
     }
 
-    /// [`Self::embed`], and the tape of activations that [`EncoderTape::backward`] turns into
-    /// the weights' gradients (the training step's backward; candle's autograd of the returned
+    /// [`Self::embed`], and the tape of activations that [`Self::backward`] turns into the
+    /// weights' gradients (the training step's backward; candle's autograd of the returned
     /// tensor gives the same gradients, slower).
     pub fn embed_for_backward(
         &self,
@@ -397,22 +398,25 @@ impl BertModel {
         dropout: &Dropout,
         pooling: super::Pooling,
     ) -> Result<(Tensor, EncoderTape)> {
-        let first_only = pooling == super::Pooling::Cls;
-        let (hidden, embedded, layers) = self.run(batch, dropout, first_only)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let (hidden, embedded) =
+            self.run(batch, dropout, pooling == super::Pooling::Cls, Some(&mut layers))?;
         let tape = EncoderTape { tokens: batch.clone(), dropout: dropout.clone(), pooling, embedded, layers };
         Ok((pooling.pool(&hidden, &batch.attention_mask)?, tape))
     }
 
+    /// The last hidden states and the embeddings' sum before their LayerNorm; each layer's
+    /// activations go to `tape` when there is one (otherwise they are freed layer by layer).
     fn run(
         &self,
         tokens: &TokenBatch,
         dropout: &Dropout,
         last_layer_first_only: bool,
-    ) -> Result<(Tensor, Tensor, Vec<backward::LayerActivations>)> {
+        mut tape: Option<&mut Vec<backward::LayerActivations>>,
+    ) -> Result<(Tensor, Tensor)> {
         let (batch, len) = tokens.input_ids.dims2()?;
         let (mut xs, embedded) =
             self.embeddings.forward(&tokens.input_ids, &tokens.token_type_ids, dropout)?;
-        let mut layers = Vec::with_capacity(self.layers.len());
         // Additive key mask: 0 for tokens, a large negative number for padding.
         let mask = tokens.attention_mask.to_dtype(xs.dtype())?;
         let mask_bias = ((mask - 1.0)? * MASKED_KEY_BIAS)?.reshape((batch, 1, 1, len))?;
@@ -425,10 +429,12 @@ impl BertModel {
             let (attended, attention) =
                 layer.attention.forward(&xs, &queries, &mask_bias, dropout, self.compute_dtype)?;
             let (out, feed_forward) = layer.feed_forward.forward(&attended, dropout, self.compute_dtype)?;
-            layers.push((attention, feed_forward));
+            if let Some(tape) = tape.as_deref_mut() {
+                tape.push((attention, feed_forward));
+            }
             xs = out;
         }
-        Ok((xs, embedded, layers))
+        Ok((xs, embedded))
     }
 }
 

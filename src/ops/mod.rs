@@ -23,8 +23,7 @@ pub use gelu::{gelu_erf, gelu_erf_backward};
 pub use layer_norm::{layer_norm, layer_norm_backward, layer_norm_composed};
 pub use matmul::{linear, matmul, matmul_merge_heads, sum_rows};
 pub use softmax::{
-    attention_softmax, attention_softmax_backward, softmax_last_dim, softmax_last_dim_backward,
-    softmax_last_dim_composed,
+    attention_softmax, attention_softmax_backward, softmax_last_dim, softmax_last_dim_composed,
 };
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, Var};

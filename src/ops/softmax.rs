@@ -78,13 +78,14 @@ impl CustomOp1 for SoftmaxLastDim {
 }
 
 /// The softmax backward from its output `probs` and the output's gradient:
-/// `probs * (grad - sum(grad * probs))` per row. One pass per row on the CPU; composed elsewhere.
-pub fn softmax_last_dim_backward(probs: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    scaled_softmax_backward(probs, grad, 1.0)
+/// `probs * (grad - sum(grad * probs))` per row.
+fn softmax_last_dim_backward(probs: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    attention_softmax_backward(probs, grad, 1.0)
 }
 
-/// `scale *` [`softmax_last_dim_backward`].
-fn scaled_softmax_backward(probs: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+/// The gradient of [`attention_softmax`]'s scores from its output and the output's gradient:
+/// `scale *` the softmax backward. One pass per row on the CPU; composed elsewhere.
+pub fn attention_softmax_backward(probs: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
     if fused(probs) && probs.device().is_cpu() && grad.dtype() == probs.dtype() {
         probs.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale: scale as f32 })
     } else {
@@ -102,11 +103,6 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, mask_bias: &Tensor) -> Res
     } else {
         softmax_last_dim(&super::add_constant(&(scores * scale)?, mask_bias)?)
     }
-}
-
-/// The gradient of [`attention_softmax`]'s scores from its output and the output's gradient.
-pub fn attention_softmax_backward(probs: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
-    scaled_softmax_backward(probs, grad, scale)
 }
 
 struct AttentionSoftmax {
