@@ -65,18 +65,19 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        return loss, enc["input_ids"].shape[1]
+        return loss, enc["input_ids"].shape[1], enc["attention_mask"].sum().item() / (2 * b)
 
-    times, lengths = [], []
+    times, lengths, real_lengths = [], [], []
     for i in range(args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, length = step(i)
+        loss, length, real_length = step(i)
         loss = loss.item()  # synchronises, as kdmcse's step does when it reads its loss
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             lengths.append(length)
+            real_lengths.append(real_length)
     median = statistics.median(times)
     out = {
         "framework": f"torch {torch.__version__}, transformers {transformers.__version__}",
@@ -85,6 +86,7 @@ def main():
         "batch_size": b,
         "max_len": args.max_len,
         "mean_padded_len": statistics.mean(lengths),
+        "mean_real_len": statistics.mean(real_lengths),
         "timed_steps": len(times),
         "median_step_s": median,
         "mean_step_s": statistics.mean(times),

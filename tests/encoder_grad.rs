@@ -240,3 +240,47 @@ fn written_out_backward_matches_candles_autograd() {
         }
     }
 }
+
+/// Packed, a sentence's tokens meet no other sentence's: with dropout on, each row of a padded
+/// batch embeds (CLS and mean pooling, and every hidden state) as it does alone in a batch of one,
+/// which has no padding and so skips the packing's gathers. To rounding: gemm may block a
+/// product of other rows differently.
+#[test]
+fn a_sentence_embeds_as_it_does_alone() {
+    let device = Device::Cpu;
+    let cfg = Config::tiny(ModelType::Bert);
+    let varmap = VarMap::new();
+    let model = BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg).unwrap();
+    let tokens = batch(&device, &cfg);
+    let drop = dropout(0);
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(scale > 0.1 && diff <= 1e-5 * scale, "{what}: differs by {diff} (largest {scale})");
+    };
+    let hidden = model.forward(&tokens, &drop).unwrap();
+    for (row, len) in [(0usize, 6usize), (1, 4), (2, 3)] {
+        let alone = TokenBatch {
+            input_ids: tokens.input_ids.narrow(0, row, 1).unwrap().narrow(1, 0, len).unwrap(),
+            token_type_ids: tokens.token_type_ids.narrow(0, row, 1).unwrap().narrow(1, 0, len).unwrap(),
+            attention_mask: tokens.attention_mask.narrow(0, row, 1).unwrap().narrow(1, 0, len).unwrap(),
+        };
+        let alone_drop = drop.select_rows(&[row]);
+        for pooling in [Pooling::Cls, Pooling::Avg] {
+            let in_batch = model.embed(&tokens, &drop, pooling).unwrap().narrow(0, row, 1).unwrap();
+            close(
+                &in_batch,
+                &model.embed(&alone, &alone_drop, pooling).unwrap(),
+                &format!("row {row} {pooling:?}"),
+            );
+        }
+        let in_batch = hidden.narrow(0, row, 1).unwrap().narrow(1, 0, len).unwrap();
+        close(&in_batch, &model.forward(&alone, &alone_drop).unwrap(), &format!("row {row} hidden states"));
+        let padding = hidden.narrow(0, row, 1).unwrap().narrow(1, len, 6 - len).unwrap();
+        assert_eq!(
+            padding.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            0.0,
+            "padding is zeros"
+        );
+    }
+}

@@ -10,11 +10,14 @@ __device__ __forceinline__ u64 mix(u64 z) {
     return z ^ (z >> 31);
 }
 
-// The mask of a [rows, d0, d1, d2] tensor, one key per row. `kept` is the bit pattern of the
+// The mask of a [rows, d0, d1, d2] tensor, one key and coordinate origin per row (a row that is
+// a slice of a larger one, such as a packed token of a sentence, starts at that slice's
+// coordinates; model/dropout.rs). `kept` is the bit pattern of the
 // inverted-dropout scale in the output's dtype, so one kernel per element width serves every
 // float dtype of that width.
 #define DROPOUT_MASK(NAME, T)                                                                     \
-    extern "C" __global__ void NAME(const u64 *keys, u64 site, unsigned int rows,                 \
+    extern "C" __global__ void NAME(const u64 *keys, const u64 *origins, u64 site,                \
+                                    unsigned int rows,                                            \
                                     unsigned int d0, unsigned int d1, unsigned int d2,            \
                                     u64 threshold, T kept, T *out) {                              \
         const u64 per_row = (u64)d0 * d1 * d2;                                                    \
@@ -25,7 +28,7 @@ __device__ __forceinline__ u64 mix(u64 z) {
             const u64 row = i / per_row, rem = i % per_row;                                       \
             const u64 c = rem % d2, b = (rem / d2) % d1, a = rem / ((u64)d1 * d2);                \
             const u64 row_key = mix(keys[row] ^ site_mix);                                        \
-            const u64 coords = (a << 40) | (b << 20) | c;                                         \
+            const u64 coords = origins[row] + ((a << 40) | (b << 20) | c);                        \
             const u64 draw = mix(row_key + coords * 0x9E3779B97F4A7C15ULL) >> 40;                 \
             out[i] = draw >= threshold ? kept : (T)0;                                             \
         }                                                                                         \

@@ -5,13 +5,16 @@
 //! checkpoint), plus what training needs: dropout on the embeddings, attention probabilities and
 //! hidden outputs, and LayerNorm/softmax with a backward pass. RoBERTa is the same network with
 //! positions offset past the padding index, so both share this file. Each block's forward also
-//! returns the activations its hand-written backward (`backward.rs`) reads.
+//! returns the activations its hand-written backward (`backward.rs`) reads. Hidden states are
+//! packed (`[tokens, hidden]`, the batch's real tokens only; `super::packing`) from the
+//! embeddings to the output; attention alone pads them back per sentence.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::dropout::{Dropout, Site};
+use super::packing::Packing;
 use crate::data::TokenBatch;
 use crate::ops;
 
@@ -191,23 +194,21 @@ impl Embeddings {
         })
     }
 
-    /// The embedded batch, and the sum the LayerNorm normalised (its backward's input).
-    fn forward(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: &Tensor,
-        dropout: &Dropout,
-    ) -> Result<(Tensor, Tensor)> {
-        let (batch, len) = input_ids.dims2()?;
-        // Right padding: real tokens take positions offset..offset+len; padded positions never
-        // reach a real token's output (they are masked as attention keys).
-        let start = self.position_offset as u32;
-        let positions = Tensor::arange(start, start + len as u32, input_ids.device())?
-            .unsqueeze(0)?
-            .broadcast_as((batch, len))?;
-        let xs = (self.word.forward(input_ids)? + self.position.forward(&positions)?)?;
-        let xs = (xs + self.token_type.forward(token_type_ids)?)?;
-        Ok((dropout.apply(&self.layer_norm.forward(&xs)?, Site::Embeddings)?, xs))
+    /// The embedded tokens `[tokens, hidden]`, and the sum the LayerNorm normalised (its
+    /// backward's input).
+    fn forward(&self, batch: &TokenBatch, packing: &Packing) -> Result<(Tensor, Tensor)> {
+        let (ids, types, positions) = self.packed_ids(batch, packing)?;
+        let xs = (self.word.forward(&ids)? + self.position.forward(&positions)?)?;
+        let xs = (xs + self.token_type.forward(&types)?)?;
+        Ok((packing.dropout().apply(&self.layer_norm.forward(&xs)?, Site::Embeddings)?, xs))
+    }
+
+    /// The packed tokens' word, token type and position ids (positions offset for RoBERTa).
+    fn packed_ids(&self, batch: &TokenBatch, packing: &Packing) -> Result<(Tensor, Tensor, Tensor)> {
+        let offset = self.position_offset as u32;
+        let positions: Vec<u32> = packing.tokens().iter().map(|&(_, p)| offset + p as u32).collect();
+        let positions = Tensor::from_vec(positions, packing.tokens().len(), batch.input_ids.device())?;
+        Ok((packing.pack(&batch.input_ids)?, packing.pack(&batch.token_type_ids)?, positions))
     }
 }
 
@@ -242,35 +243,32 @@ impl SelfAttention {
         })
     }
 
-    /// Attention of `queries` (all positions of `xs`, or a prefix of them) over all of `xs`, and
-    /// the activations of its backward. Matmuls run in `compute`; the mask, softmax, residual and
-    /// LayerNorm in `xs`'s dtype.
+    /// Attention of the `queries` tokens (all of `keys`' tokens, or a selection of them) over
+    /// all of `xs` (`keys`' packed tokens), and the activations of its backward. Matmuls run in
+    /// `compute`; the mask, softmax, residual and LayerNorm in `xs`'s dtype.
     fn forward(
         &self,
         xs: &Tensor,
-        queries: &Tensor,
+        keys: &Packing,
+        queries: &Packing,
         mask_bias: &Tensor,
         dropout: &Dropout,
         compute: DType,
     ) -> Result<(Tensor, backward::AttentionActivations)> {
-        let (batch, len, hidden) = xs.dims3()?;
-        let query_len = queries.dim(1)?;
-        let head_dim = hidden / self.num_heads;
-        // Heads as strided views `[batch, heads, len, head_dim]`: the matmuls read them in place.
-        let heads = |t: Tensor, len: usize| -> Result<Tensor> {
-            t.reshape((batch, len, self.num_heads, head_dim))?.transpose(1, 2)
-        };
+        let head_dim = xs.dim(1)? / self.num_heads;
         let xs_c = xs.to_dtype(compute)?;
-        let queries_c = if query_len == len { xs_c.clone() } else { queries.to_dtype(compute)? };
-        let q = heads(self.query.forward(&queries_c)?, query_len)?;
-        let k = heads(self.key.forward(&xs_c)?, len)?;
-        let v = heads(self.value.forward(&xs_c)?, len)?;
+        let query_rows = queries.select(xs)?;
+        let queries_c = if queries.selects_all() { xs_c.clone() } else { query_rows.to_dtype(compute)? };
+        let q = self.heads(&self.query.forward(&queries_c)?, queries)?;
+        let k = self.heads(&self.key.forward(&xs_c)?, keys)?;
+        let v = self.heads(&self.value.forward(&xs_c)?, keys)?;
         let scores = ops::matmul(&q, &k.t()?)?.to_dtype(xs.dtype())?;
         let probs = ops::attention_softmax(&scores, 1.0 / (head_dim as f64).sqrt(), mask_bias)?;
         let kept = dropout.apply(&probs, Site::AttentionProbs(self.layer))?.to_dtype(compute)?;
-        let context = ops::matmul_merge_heads(&kept, &v)?;
-        let out = dropout.apply(&self.output.forward(&context)?, Site::AttentionOutput(self.layer))?;
-        let residual = ops::add(&out.to_dtype(xs.dtype())?, queries)?;
+        let context = queries.pack(&ops::matmul_merge_heads(&kept, &v)?)?;
+        let out = self.output.forward(&context)?;
+        let out = queries.dropout().apply(&out, Site::AttentionOutput(self.layer))?;
+        let residual = ops::add(&out.to_dtype(xs.dtype())?, &query_rows)?;
         let saved = backward::AttentionActivations {
             xs: xs_c,
             queries: queries_c,
@@ -283,6 +281,14 @@ impl SelfAttention {
             residual: residual.clone(),
         };
         Ok((self.layer_norm.forward(&residual)?, saved))
+    }
+
+    /// Packed `[tokens, hidden]` → padded heads `[batch, heads, len, head_dim]`, a strided view
+    /// the matmuls read in place.
+    fn heads(&self, packed: &Tensor, packing: &Packing) -> Result<Tensor> {
+        let (batch, len) = packing.padded_dims();
+        let head_dim = packed.dim(1)? / self.num_heads;
+        packing.pad(packed)?.reshape((batch, len, self.num_heads, head_dim))?.transpose(1, 2)
     }
 }
 
@@ -306,8 +312,9 @@ impl FeedForward {
         })
     }
 
-    /// The block's output and the activations of its backward. Matmuls and the activation run in
-    /// `compute`; the residual and LayerNorm in `xs`'s dtype.
+    /// The block's output and the activations of its backward (`xs` packed tokens, `dropout`
+    /// theirs). Matmuls and the activation run in `compute`; the residual and LayerNorm in `xs`'s
+    /// dtype.
     fn forward(
         &self,
         xs: &Tensor,
@@ -376,17 +383,18 @@ impl BertModel {
         self.embeddings.word.embeddings().device()
     }
 
-    /// Last hidden states `[batch, len, hidden]` of a right-padded batch.
+    /// Last hidden states `[batch, len, hidden]` of a right-padded batch (zeros at padding).
     pub fn forward(&self, batch: &TokenBatch, dropout: &Dropout) -> Result<Tensor> {
-        Ok(self.run(batch, dropout, false, None)?.0)
+        let pass = self.run(batch, dropout, false, None)?;
+        pass.output().pad(&pass.hidden)
     }
 
     /// Sentence embeddings `[batch, hidden]`. For CLS pooling the last layer runs for the first
     /// position only (its keys and values still come from every token): the same vectors as
     /// pooling [`Self::forward`], for 5/6 of the work on a 6-layer model.
     pub fn embed(&self, batch: &TokenBatch, dropout: &Dropout, pooling: super::Pooling) -> Result<Tensor> {
-        let (hidden, _) = self.run(batch, dropout, pooling == super::Pooling::Cls, None)?;
-        pooling.pool(&hidden, &batch.attention_mask)
+        let pass = self.run(batch, dropout, pooling == super::Pooling::Cls, None)?;
+        pooling.pool(&pass.output().pad(&pass.hidden)?, &batch.attention_mask)
     }
 
     /// [`Self::embed`], and the tape of activations that [`Self::backward`] turns into the
@@ -399,42 +407,69 @@ impl BertModel {
         pooling: super::Pooling,
     ) -> Result<(Tensor, EncoderTape)> {
         let mut layers = Vec::with_capacity(self.layers.len());
-        let (hidden, embedded) =
-            self.run(batch, dropout, pooling == super::Pooling::Cls, Some(&mut layers))?;
-        let tape = EncoderTape { tokens: batch.clone(), dropout: dropout.clone(), pooling, embedded, layers };
-        Ok((pooling.pool(&hidden, &batch.attention_mask)?, tape))
+        let pass = self.run(batch, dropout, pooling == super::Pooling::Cls, Some(&mut layers))?;
+        let pooled = pooling.pool(&pass.output().pad(&pass.hidden)?, &batch.attention_mask)?;
+        let Pass { packing, first_tokens, embedded, .. } = pass;
+        let tape = EncoderTape {
+            tokens: batch.clone(),
+            dropout: dropout.clone(),
+            pooling,
+            packing,
+            first_tokens,
+            embedded,
+            layers,
+        };
+        Ok((pooled, tape))
     }
 
-    /// The last hidden states and the embeddings' sum before their LayerNorm; each layer's
-    /// activations go to `tape` when there is one (otherwise they are freed layer by layer).
+    /// The forward pass; each layer's activations go to `tape` when there is one (otherwise
+    /// they are freed layer by layer).
     fn run(
         &self,
         tokens: &TokenBatch,
         dropout: &Dropout,
         last_layer_first_only: bool,
         mut tape: Option<&mut Vec<backward::LayerActivations>>,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<Pass> {
         let (batch, len) = tokens.input_ids.dims2()?;
-        let (mut xs, embedded) =
-            self.embeddings.forward(&tokens.input_ids, &tokens.token_type_ids, dropout)?;
+        let packing = Packing::new(&tokens.attention_mask, dropout)?;
+        let (mut xs, embedded) = self.embeddings.forward(tokens, &packing)?;
         // Additive key mask: 0 for tokens, a large negative number for padding.
         let mask = tokens.attention_mask.to_dtype(xs.dtype())?;
         let mask_bias = ((mask - 1.0)? * MASKED_KEY_BIAS)?.reshape((batch, 1, 1, len))?;
+        let mut first_tokens = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let queries = if last_layer_first_only && i + 1 == self.layers.len() {
-                xs.narrow(1, 0, 1)?
-            } else {
-                xs.clone()
-            };
+            if last_layer_first_only && i + 1 == self.layers.len() {
+                first_tokens = Some(packing.first_tokens(dropout, xs.device())?);
+            }
+            let queries = first_tokens.as_ref().unwrap_or(&packing);
             let (attended, attention) =
-                layer.attention.forward(&xs, &queries, &mask_bias, dropout, self.compute_dtype)?;
-            let (out, feed_forward) = layer.feed_forward.forward(&attended, dropout, self.compute_dtype)?;
+                layer.attention.forward(&xs, &packing, queries, &mask_bias, dropout, self.compute_dtype)?;
+            let (out, feed_forward) =
+                layer.feed_forward.forward(&attended, queries.dropout(), self.compute_dtype)?;
             if let Some(tape) = tape.as_deref_mut() {
                 tape.push((attention, feed_forward));
             }
             xs = out;
         }
-        Ok((xs, embedded))
+        Ok(Pass { hidden: xs, packing, first_tokens, embedded })
+    }
+}
+
+/// What a forward pass computed: the last hidden states of every token of `packing`, or of
+/// `first_tokens` when the last layer ran for those alone; the embeddings' sum before their
+/// LayerNorm.
+struct Pass {
+    hidden: Tensor,
+    packing: Packing,
+    first_tokens: Option<Packing>,
+    embedded: Tensor,
+}
+
+impl Pass {
+    /// The tokens `hidden` holds.
+    fn output(&self) -> &Packing {
+        self.first_tokens.as_ref().unwrap_or(&self.packing)
     }
 }
 

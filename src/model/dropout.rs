@@ -4,13 +4,14 @@
 //! Every batch row carries a 64-bit key (derived from the seed, the step, the example's global
 //! index and the view); the mask of an element at dropout site `s` is a hash of (key, s, the
 //! element's coordinates within its row). Coordinates, not flat offsets, so that the padded
-//! length of a batch changes no mask. Masks thus do not depend on how a global batch is split
+//! length of a batch changes no mask, nor does packing its tokens (a token row carries its
+//! position as the origin of its coordinates). Masks thus do not depend on how a global batch is split
 //! across ranks or padded, nor on RNG state that would have to be checkpointed; the two SimCSE
 //! views differ only through their keys.
 
 use candle_core::{Result, Tensor};
 
-use crate::ops::{dropout_mask, mix, mul_constant};
+use crate::ops::{dropout_mask, dropout_origin, mix, mul_constant};
 
 /// Dropout for one encoder forward: off (evaluation) or on with one key per batch row.
 #[derive(Debug, Clone)]
@@ -18,6 +19,8 @@ pub struct Dropout {
     hidden_p: f32,
     attention_p: f32,
     row_keys: Option<Vec<u64>>,
+    /// Each row's coordinate origin within its example (token rows); none: whole examples.
+    row_origins: Option<Vec<u64>>,
 }
 
 /// Where in the encoder a mask is applied; part of the mask's hash input.
@@ -53,20 +56,33 @@ pub fn example_key(seed: u64, step: u64, example: u64, view: u64) -> u64 {
 impl Dropout {
     /// No dropout: the deterministic evaluation mode.
     pub fn disabled() -> Self {
-        Self { hidden_p: 0.0, attention_p: 0.0, row_keys: None }
+        Self { hidden_p: 0.0, attention_p: 0.0, row_keys: None, row_origins: None }
     }
 
     /// Dropout with probability `hidden_p` on hidden states and `attention_p` on attention
     /// probabilities, one mask key per batch row.
     pub fn per_example(hidden_p: f32, attention_p: f32, row_keys: Vec<u64>) -> Self {
-        Self { hidden_p, attention_p, row_keys: Some(row_keys) }
+        Self { hidden_p, attention_p, row_keys: Some(row_keys), row_origins: None }
+    }
+
+    /// The dropout of token rows `(example, position)` of this batch of examples: each gets the
+    /// mask of its position in its example's rows, so a batch's hidden states get the same masks
+    /// packed as padded.
+    pub fn of_tokens(&self, tokens: &[(usize, usize)]) -> Self {
+        let row_keys = self.row_keys.as_ref().map(|keys| tokens.iter().map(|&(e, _)| keys[e]).collect());
+        let row_origins = Some(tokens.iter().map(|&(_, position)| dropout_origin(1, position)).collect());
+        Self { row_keys, row_origins, ..self.clone() }
     }
 
     /// The dropout of the batch rows `rows` (in that order), as a batch of their own: the same
     /// masks, since they follow the rows' keys.
     pub fn select_rows(&self, rows: &[usize]) -> Self {
-        let row_keys = self.row_keys.as_ref().map(|keys| rows.iter().map(|&r| keys[r]).collect());
-        Self { row_keys, ..self.clone() }
+        let pick = |values: &Vec<u64>| rows.iter().map(|&r| values[r]).collect();
+        Self {
+            row_keys: self.row_keys.as_ref().map(pick),
+            row_origins: self.row_origins.as_ref().map(pick),
+            ..*self
+        }
     }
 
     /// Applies the mask of `site` to `xs`, whose first dimension is the batch. The mask is made
@@ -76,6 +92,6 @@ impl Dropout {
         let Some(keys) = self.row_keys.as_ref().filter(|_| p > 0.0) else {
             return Ok(xs.clone());
         };
-        mul_constant(xs, &dropout_mask(xs, keys, site.id(), p)?)
+        mul_constant(xs, &dropout_mask(xs, keys, self.row_origins.as_deref(), site.id(), p)?)
     }
 }

@@ -1,10 +1,12 @@
-//! The student encoder (BERT/RoBERTa), its heads, dropout and fused ops, the CLIP teacher, and
-//! loading a Hugging Face model folder (`config.json`, `model.safetensors` or `pytorch_model.bin`).
+//! The student encoder (BERT/RoBERTa), its heads, dropout and the packing of a batch's tokens,
+//! the CLIP teacher, and loading a Hugging Face model folder (`config.json`, `model.safetensors`
+//! or `pytorch_model.bin`).
 
 pub mod bert;
 pub mod clip;
 pub mod dropout;
 pub mod heads;
+pub mod packing;
 
 use std::collections::HashMap;
 use std::path::Path;

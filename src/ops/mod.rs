@@ -1,16 +1,17 @@
 //! kdmcse's own tensor ops, one file each: the fused training ops and their backward (softmax
 //! and attention's softmax, LayerNorm, GELU; the backward public for the encoder's written-out
-//! one), elementwise sums and products (masks as constants), matrix products, the dropout mask,
-//! and AdamW's in-place updates. The fused ops run a CPU kernel here and a CUDA kernel from
-//! `src/kernels/` with the same arithmetic; the matrix products, elementwise ops and softmax
-//! backward have CPU kernels only (on a GPU they are candle's, which already use the device's
-//! threads). On other devices and dtypes every op falls back to a composition of candle
-//! primitives (and [`vjp`]); the composed versions are public so tests can check the fused
-//! kernels against them.
+//! one), elementwise sums and products (masks as constants), matrix products, row gathers
+//! (packing a padded batch's tokens), the dropout mask, and AdamW's in-place updates. The fused
+//! ops run a CPU kernel here and a CUDA kernel from `src/kernels/` with the same arithmetic; the
+//! matrix products, elementwise ops, gathers and softmax backward have CPU kernels only (on a
+//! GPU they are candle's, which already use the device's threads). On other devices and dtypes
+//! every op falls back to a composition of candle primitives (and [`vjp`]); the composed
+//! versions are public so tests can check the fused kernels against them.
 
 mod adamw;
 mod constant;
 mod dropout_mask;
+mod gather_rows;
 mod gelu;
 mod layer_norm;
 mod matmul;
@@ -18,7 +19,8 @@ mod softmax;
 
 pub(crate) use adamw::{AdamUpdate, Lerp};
 pub use constant::{add, add_constant, mul_constant};
-pub(crate) use dropout_mask::{dropout_mask, mix};
+pub(crate) use dropout_mask::{dropout_mask, mix, origin as dropout_origin};
+pub use gather_rows::{gather_rows, RowGather};
 pub use gelu::{gelu_erf, gelu_erf_backward};
 pub use layer_norm::{layer_norm, layer_norm_backward, layer_norm_composed};
 pub use matmul::{linear, matmul, matmul_merge_heads, sum_rows};

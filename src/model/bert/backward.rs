@@ -12,6 +12,7 @@ use candle_nn::Embedding;
 use super::{BertModel, Embeddings, FeedForward, HiddenAct, LayerNorm, Linear, SelfAttention};
 use crate::data::TokenBatch;
 use crate::model::dropout::{Dropout, Site};
+use crate::model::packing::Packing;
 use crate::model::Pooling;
 use crate::ops;
 
@@ -44,6 +45,9 @@ pub struct EncoderTape {
     pub(super) tokens: TokenBatch,
     pub(super) dropout: Dropout,
     pub(super) pooling: Pooling,
+    pub(super) packing: Packing,
+    /// The tokens the last layer ran for when not all of them.
+    pub(super) first_tokens: Option<Packing>,
     /// The embeddings' sum before their LayerNorm.
     pub(super) embedded: Tensor,
     pub(super) layers: Vec<LayerActivations>,
@@ -54,19 +58,18 @@ impl BertModel {
     /// given the gradient of the pooled vectors `tape`'s forward returned. Dropout masks are
     /// recomputed from their keys rather than kept.
     pub fn backward(&self, tape: EncoderTape, grad_pooled: &Tensor, grads: &mut GradStore) -> Result<()> {
-        let EncoderTape { tokens, dropout, pooling, embedded, mut layers } = tape;
-        let hidden_len = match layers.last() {
-            Some((_, feed_forward)) => feed_forward.residual.dim(1)?,
-            None => embedded.dim(1)?,
-        };
-        let mut grad = pooling.backward(grad_pooled, &tokens.attention_mask, hidden_len)?;
+        let EncoderTape { tokens, dropout, pooling, packing, first_tokens, embedded, mut layers } = tape;
+        let output = first_tokens.as_ref().unwrap_or(&packing);
+        let hidden_len = output.padded_dims().1;
+        let mut grad = output.pack(&pooling.backward(grad_pooled, &tokens.attention_mask, hidden_len)?)?;
         // Last layer first, each layer's activations freed as soon as they are used.
-        for layer in self.layers.iter().rev() {
+        for (i, layer) in self.layers.iter().enumerate().rev() {
             let (attention, feed_forward) = layers.pop().expect("one activation set per layer");
-            grad = layer.feed_forward.backward(&feed_forward, &grad, &dropout, grads)?;
-            grad = layer.attention.backward(&attention, &grad, &dropout, grads)?;
+            let queries = if i + 1 == self.layers.len() { output } else { &packing };
+            grad = layer.feed_forward.backward(&feed_forward, &grad, queries.dropout(), grads)?;
+            grad = layer.attention.backward(&attention, &grad, &packing, queries, &dropout, grads)?;
         }
-        self.embeddings.backward(&tokens, &dropout, &embedded, &grad, grads)
+        self.embeddings.backward(&tokens, &packing, &embedded, &grad, grads)
     }
 }
 
@@ -99,71 +102,61 @@ impl LayerNorm {
 
 impl Embeddings {
     /// The gradients of the three tables and the LayerNorm, from the gradient of the block's
-    /// output: each table's rows get the sum of the gradients at the positions that read them.
+    /// output (packed tokens): each table's rows get the sum of the gradients of the tokens that
+    /// read them.
     fn backward(
         &self,
         tokens: &TokenBatch,
-        dropout: &Dropout,
+        packing: &Packing,
         embedded: &Tensor,
         grad: &Tensor,
         grads: &mut GradStore,
     ) -> Result<()> {
-        let grad = dropout.apply(grad, Site::Embeddings)?;
+        let grad = packing.dropout().apply(grad, Site::Embeddings)?;
         let grad = self.layer_norm.backward(embedded, &grad, grads)?;
-        let (batch, len, hidden) = grad.dims3()?;
-        let rows = grad.reshape((batch * len, hidden))?;
-        let scatter = |table: &Embedding, ids: &Tensor, rows: &Tensor| -> Result<Tensor> {
-            table.embeddings().zeros_like()?.index_add(&ids.flatten_all()?, rows, 0)
+        let (ids, types, positions) = self.packed_ids(tokens, packing)?;
+        let scatter = |table: &Embedding, ids: &Tensor| -> Result<Tensor> {
+            table.embeddings().zeros_like()?.index_add(ids, &grad, 0)
         };
-        grads.insert(self.word.embeddings(), scatter(&self.word, &tokens.input_ids, &rows)?);
-        grads.insert(self.token_type.embeddings(), scatter(&self.token_type, &tokens.token_type_ids, &rows)?);
-        let start = self.position_offset as u32;
-        let positions = Tensor::arange(start, start + len as u32, grad.device())?;
-        grads.insert(self.position.embeddings(), scatter(&self.position, &positions, &grad.sum(0)?)?);
+        grads.insert(self.word.embeddings(), scatter(&self.word, &ids)?);
+        grads.insert(self.token_type.embeddings(), scatter(&self.token_type, &types)?);
+        grads.insert(self.position.embeddings(), scatter(&self.position, &positions)?);
         Ok(())
     }
 }
 
 impl SelfAttention {
-    /// The gradient of `xs` (every position) from the gradient of the block's output, which
-    /// covers the query positions only.
+    /// The gradient of `xs` (every token of `keys`) from the gradient of the block's output,
+    /// which covers the `queries` tokens only; `dropout` is the batch's (one key per example).
     fn backward(
         &self,
         saved: &AttentionActivations,
         grad: &Tensor,
+        keys: &Packing,
+        queries: &Packing,
         dropout: &Dropout,
         grads: &mut GradStore,
     ) -> Result<Tensor> {
         let a = saved;
-        let (batch, len, hidden) = a.xs.dims3()?;
-        let query_len = a.queries.dim(1)?;
-        let head_dim = hidden / self.num_heads;
+        let head_dim = a.xs.dim(1)? / self.num_heads;
         let compute = a.xs.dtype();
         let d_residual = self.layer_norm.backward(&a.residual, grad, grads)?;
-        let d_out = dropout.apply(&d_residual.to_dtype(compute)?, Site::AttentionOutput(self.layer))?;
-        let d_context = self
-            .output
-            .backward(&a.context, &d_out, grads)?
-            .reshape((batch, query_len, self.num_heads, head_dim))?
-            .transpose(1, 2)?;
+        let d_out = d_residual.to_dtype(compute)?;
+        let d_out = queries.dropout().apply(&d_out, Site::AttentionOutput(self.layer))?;
+        let d_context = self.heads(&self.output.backward(&a.context, &d_out, grads)?, queries)?;
         let d_kept = ops::matmul(&d_context, &a.v.t()?)?.to_dtype(a.probs.dtype())?;
-        let d_v = ops::matmul_merge_heads(&a.kept.t()?, &d_context)?;
+        let d_v = keys.pack(&ops::matmul_merge_heads(&a.kept.t()?, &d_context)?)?;
         let d_probs = dropout.apply(&d_kept, Site::AttentionProbs(self.layer))?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let d_scores = ops::attention_softmax_backward(&a.probs, &d_probs, scale)?.to_dtype(compute)?;
-        let d_q = ops::matmul_merge_heads(&d_scores, &a.k)?;
-        let d_k = ops::matmul_merge_heads(&d_scores.t()?, &a.q)?;
+        let d_q = queries.pack(&ops::matmul_merge_heads(&d_scores, &a.k)?)?;
+        let d_k = keys.pack(&ops::matmul_merge_heads(&d_scores.t()?, &a.q)?)?;
         let d_queries = self.query.backward(&a.queries, &d_q, grads)?;
         let d_keys = self.key.backward(&a.xs, &d_k, grads)?;
         let d_values = self.value.backward(&a.xs, &d_v, grads)?;
         let d_queries = ops::add(&d_queries.to_dtype(grad.dtype())?, &d_residual)?;
         let d_xs = ops::add(&d_keys, &d_values)?.to_dtype(grad.dtype())?;
-        if query_len == len {
-            ops::add(&d_xs, &d_queries)
-        } else {
-            let first = ops::add(&d_xs.narrow(1, 0, query_len)?, &d_queries)?;
-            Tensor::cat(&[first, d_xs.narrow(1, query_len, len - query_len)?], 1)
-        }
+        ops::add(&d_xs, &queries.unselect(&d_queries)?)
     }
 }
 
