@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 /// Marks an output row that is zeros.
 const ZERO_ROW: u32 = u32::MAX;
@@ -77,21 +76,23 @@ pub fn gather_rows(xs: &Tensor, gather: &RowGather) -> Result<Tensor> {
 
 /// Output row `i` of `rows.len()` is input row `rows[i]` (each `width` elements), or zeros.
 fn gather_cpu<T: WithDType>(input: &[T], rows: &[u32], width: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); rows.len() * width];
     if width == 0 {
-        return out;
+        return Vec::new();
     }
-    // Rows in chunks of at least 64 KiB, so small gathers stay on one thread.
-    let per_chunk = (16384 / width).max(1);
-    out.par_chunks_mut(per_chunk * width).zip(rows.par_chunks(per_chunk)).for_each(|(out, rows)| {
-        for (out, &row) in out.chunks_exact_mut(width).zip(rows) {
-            if row != ZERO_ROW {
+    // Rows in pieces of at least 64 KiB, so small gathers stay on one thread.
+    let per_piece = (16384 / width).max(1);
+    let write = |piece: usize, out: &mut [std::mem::MaybeUninit<T>]| {
+        for (out, &row) in out.chunks_exact_mut(width).zip(&rows[piece * per_piece..]) {
+            if row == ZERO_ROW {
+                out.iter_mut().for_each(|x| _ = x.write(T::zero()));
+            } else {
                 let start = row as usize * width;
-                out.copy_from_slice(&input[start..start + width]);
+                out.write_copy_of_slice(&input[start..start + width]);
             }
         }
-    });
-    out
+    };
+    // SAFETY: each piece is whole rows, and `write` writes every element of each.
+    unsafe { super::written_in_pieces(rows.len() * width, per_piece * width, write) }
 }
 
 impl CustomOp1 for RowGather {

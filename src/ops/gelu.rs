@@ -3,7 +3,6 @@
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda;
@@ -46,12 +45,13 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = cpu_f32(storage, layout, self.name())?;
-        let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).for_each(|(dst, src)| {
-            for (d, &x) in dst.iter_mut().zip(src) {
-                *d = 0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        let write = |piece: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+            for (d, &x) in dst.iter_mut().zip(&src[piece * 4096..]) {
+                d.write(0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2)));
             }
-        });
+        };
+        // SAFETY: `write` writes each element of its piece from the input element beside it.
+        let dst = unsafe { super::written_in_pieces(src.len(), 4096, write) };
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -105,16 +105,19 @@ impl CustomOp2 for GeluErfBackward {
         // d/dx x Phi(x) = Phi(x) + x phi(x)
         let (xs, gs) = (cpu_f32(s1, l1, self.name())?, cpu_f32(s2, l2, self.name())?);
         let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(4096).zip(xs.par_chunks(4096).zip(gs.par_chunks(4096))).for_each(
-            |(dx, (xs, gs))| {
-                for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(gs) {
-                    let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                    let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
-                    *d = g * (cdf + x * pdf);
-                }
-            },
-        );
+        if xs.len() != gs.len() {
+            candle_core::bail!("{}: {} inputs, {} gradients", self.name(), xs.len(), gs.len());
+        }
+        let write = |piece: usize, dx: &mut [std::mem::MaybeUninit<f32>]| {
+            let (xs, gs) = (&xs[piece * 4096..], &gs[piece * 4096..]);
+            for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(gs) {
+                let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
+                d.write(g * (cdf + x * pdf));
+            }
+        };
+        // SAFETY: inputs and gradients are as long as the output; each element is written.
+        let dx = unsafe { super::written_in_pieces(xs.len(), 4096, write) };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 

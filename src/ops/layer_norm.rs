@@ -61,15 +61,20 @@ impl CustomOp3 for LayerNorm {
         let bias = cpu_f32(s3, l3, self.name())?;
         let dim = weight.len();
         let eps = self.eps as f32;
-        let mut dst = vec![0f32; xs.len()];
-        dst.par_chunks_mut(dim).zip(xs.par_chunks(dim)).for_each(|(dst, src)| {
+        if dim == 0 || !xs.len().is_multiple_of(dim) || bias.len() != dim {
+            candle_core::bail!("{}: rows of {} for weight {dim}, bias {}", self.name(), xs.len(), bias.len());
+        }
+        let write = |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+            let src = &xs[row * dim..][..dim];
             let mean = src.iter().sum::<f32>() / dim as f32;
             let var = src.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / dim as f32;
             let rstd = 1.0 / (var + eps).sqrt();
             for (((d, x), w), b) in dst.iter_mut().zip(src).zip(weight).zip(bias) {
-                *d = (x - mean) * rstd * w + b;
+                d.write((x - mean) * rstd * w + b);
             }
-        });
+        };
+        // SAFETY: each piece is one row of `dim` elements, and weight and bias have `dim` too.
+        let dst = unsafe { super::written_in_pieces(xs.len(), dim, write) };
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 

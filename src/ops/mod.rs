@@ -81,6 +81,25 @@ pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) ->
     }
 }
 
+/// A CPU kernel's output of `len` elements, in pieces of `piece` elements (the last may be
+/// shorter) that `write(index, piece)` fills across threads: unlike `vec![0.0; len]`, no
+/// zero-fill pass over the memory first (a tenth of the training step's memory traffic).
+///
+/// # Safety
+/// `write` must initialise every element of each piece it is given.
+pub(crate) unsafe fn written_in_pieces<T: Send>(
+    len: usize,
+    piece: usize,
+    write: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(piece.max(1)).enumerate().for_each(|(i, p)| write(i, p));
+    // SAFETY: the caller's `write` initialised every piece, and the pieces cover `len` elements.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// [`cpu_f32`] for the tensor an in-place op writes.
 pub(crate) fn cpu_f32_mut<'a>(
     storage: &'a mut CpuStorage,

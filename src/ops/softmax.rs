@@ -4,7 +4,6 @@
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda;
@@ -36,17 +35,20 @@ impl CustomOp1 for SoftmaxLastDim {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = cpu_f32(storage, layout, self.name())?;
         let dim = layout.dims()[layout.dims().len() - 1];
-        let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(dim).zip(src.par_chunks(dim)).for_each(|(dst, src)| {
+        let write = |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+            let src = &src[row * dim..][..dim];
             let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for (d, s) in dst.iter_mut().zip(src) {
-                *d = (s - max).exp();
-                sum += *d;
+                sum += *d.write((s - max).exp());
             }
+            // SAFETY: the loop above wrote each of the row's `dim` elements.
+            let dst = unsafe { dst.assume_init_mut() };
             let inv = 1.0 / sum;
             dst.iter_mut().for_each(|d| *d *= inv);
-        });
+        };
+        // SAFETY: each piece is one row of the last dimension, written whole by `write`.
+        let dst = unsafe { super::written_in_pieces(src.len(), dim, write) };
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -129,14 +131,15 @@ impl CustomOp2 for AttentionSoftmax {
         }
         let rows_per_example = dims[1] * dims[2];
         let scale = self.scale as f32;
-        let mut dst = vec![0f32; scores.len()];
-        dst.par_chunks_mut(keys).zip(scores.par_chunks(keys)).enumerate().for_each(|(row, (dst, src))| {
+        let write = |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+            let src = &scores[row * keys..][..keys];
             let mask = &mask[(row / rows_per_example) * keys..][..keys];
             let mut max = f32::NEG_INFINITY;
             for ((d, s), m) in dst.iter_mut().zip(src).zip(mask) {
-                *d = s * scale + m;
-                max = max.max(*d);
+                max = max.max(*d.write(s * scale + m));
             }
+            // SAFETY: the loop above wrote each of the row's `keys` elements.
+            let dst = unsafe { dst.assume_init_mut() };
             let mut sum = 0f32;
             for d in dst.iter_mut() {
                 *d = (*d - max).exp();
@@ -144,7 +147,9 @@ impl CustomOp2 for AttentionSoftmax {
             }
             let inv = 1.0 / sum;
             dst.iter_mut().for_each(|d| *d *= inv);
-        });
+        };
+        // SAFETY: each piece is one row of keys, written whole by `write`.
+        let dst = unsafe { super::written_in_pieces(scores.len(), keys, write) };
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 
@@ -177,13 +182,18 @@ impl CustomOp2 for SoftmaxBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (ys, gs) = (cpu_f32(s1, l1, self.name())?, cpu_f32(s2, l2, self.name())?);
         let dim = l1.dims()[l1.dims().len() - 1];
-        let mut dx = vec![0f32; ys.len()];
-        dx.par_chunks_mut(dim).zip(ys.par_chunks(dim).zip(gs.par_chunks(dim))).for_each(|(dx, (ys, gs))| {
+        if ys.len() != gs.len() {
+            candle_core::bail!("{}: {} outputs, {} gradients", self.name(), ys.len(), gs.len());
+        }
+        let write = |row: usize, dx: &mut [std::mem::MaybeUninit<f32>]| {
+            let (ys, gs) = (&ys[row * dim..][..dim], &gs[row * dim..][..dim]);
             let dot: f32 = ys.iter().zip(gs).map(|(y, g)| y * g).sum();
             for ((d, y), g) in dx.iter_mut().zip(ys).zip(gs) {
-                *d = self.scale * (y * (g - dot));
+                d.write(self.scale * (y * (g - dot)));
             }
-        });
+        };
+        // SAFETY: each piece is one row of the last dimension, written whole by `write`.
+        let dx = unsafe { super::written_in_pieces(ys.len(), dim, write) };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
