@@ -259,28 +259,55 @@ impl SelfAttention {
         let xs_c = xs.to_dtype(compute)?;
         let query_rows = queries.select(xs)?;
         let queries_c = if queries.selects_all() { xs_c.clone() } else { query_rows.to_dtype(compute)? };
-        let q = self.heads(&self.query.forward(&queries_c)?, queries)?;
-        let k = self.heads(&self.key.forward(&xs_c)?, keys)?;
-        let v = self.heads(&self.value.forward(&xs_c)?, keys)?;
-        let scores = ops::matmul(&q, &k.t()?)?.to_dtype(xs.dtype())?;
-        let probs = ops::attention_softmax(&scores, 1.0 / (head_dim as f64).sqrt(), mask_bias)?;
-        let kept = dropout.apply(&probs, Site::AttentionProbs(self.layer))?.to_dtype(compute)?;
-        let context = queries.pack(&ops::matmul_merge_heads(&kept, &v)?)?;
+        let q = self.query.forward(&queries_c)?;
+        let (k, v) = (self.key.forward(&xs_c)?, self.value.forward(&xs_c)?);
+        let (context, core) = if ops::packed_attention_serves(&q) {
+            let attention = self.packed(keys, queries, dropout, head_dim);
+            let context = ops::packed_attention(&q, &k, &v, &attention)?;
+            (context, backward::AttentionCore::Packed { q, k, v, attention })
+        } else {
+            let (q, k, v) = (self.heads(&q, queries)?, self.heads(&k, keys)?, self.heads(&v, keys)?);
+            let scores = ops::matmul(&q, &k.t()?)?.to_dtype(xs.dtype())?;
+            let probs = ops::attention_softmax(&scores, 1.0 / (head_dim as f64).sqrt(), mask_bias)?;
+            let kept = dropout.apply(&probs, Site::AttentionProbs(self.layer))?.to_dtype(compute)?;
+            let context = queries.pack(&ops::matmul_merge_heads(&kept, &v)?)?;
+            (context, backward::AttentionCore::Padded { q, k, v, probs, kept })
+        };
         let out = self.output.forward(&context)?;
         let out = queries.dropout().apply(&out, Site::AttentionOutput(self.layer))?;
         let residual = ops::add(&out.to_dtype(xs.dtype())?, &query_rows)?;
         let saved = backward::AttentionActivations {
             xs: xs_c,
             queries: queries_c,
-            q,
-            k,
-            v,
-            probs,
-            kept,
+            core,
             context,
             residual: residual.clone(),
         };
         Ok((self.layer_norm.forward(&residual)?, saved))
+    }
+
+    /// The packed attention kernel's description of this layer over `keys` for `queries`.
+    fn packed(
+        &self,
+        keys: &Packing,
+        queries: &Packing,
+        dropout: &Dropout,
+        head_dim: usize,
+    ) -> ops::PackedAttention {
+        let site = Site::AttentionProbs(self.layer);
+        ops::PackedAttention {
+            heads: self.num_heads,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            rows: std::sync::Arc::new(ops::AttentionRows {
+                queries: queries.example_rows(),
+                keys: keys.example_rows(),
+            }),
+            dropout: dropout.example_masks(site).map(|(keys, p)| ops::AttentionDropout {
+                keys: keys.into(),
+                site: site.id(),
+                p,
+            }),
+        }
     }
 
     /// Packed `[tokens, hidden]` → padded heads `[batch, heads, len, head_dim]`, a strided view

@@ -85,6 +85,14 @@ impl Dropout {
         }
     }
 
+    /// The example keys and drop probability of `site`'s masks, when it drops anything (a
+    /// kernel that draws the masks itself; `Dropout` of examples, not tokens).
+    pub(crate) fn example_masks(&self, site: Site) -> Option<(&[u64], f32)> {
+        let p = if site.is_attention() { self.attention_p } else { self.hidden_p };
+        let keys = self.row_keys.as_deref().filter(|_| p > 0.0 && self.row_origins.is_none())?;
+        Some((keys, p))
+    }
+
     /// Applies the mask of `site` to `xs`, whose first dimension is the batch. The mask is made
     /// where `xs` lives (a CUDA kernel on GPUs), identical on every device.
     pub fn apply(&self, xs: &Tensor, site: Site) -> Result<Tensor> {

@@ -28,8 +28,16 @@ impl Packing {
     pub fn new(attention_mask: &Tensor, dropout: &Dropout) -> Result<Self> {
         let mask = attention_mask.to_vec2::<u32>()?;
         let (batch, len) = attention_mask.dims2()?;
-        if let Some(row) = mask.iter().position(|row| row.first() != Some(&1)) {
-            candle_core::bail!("batch row {row} does not start with a token: batches are right-padded");
+        let right_padded = |row: &Vec<u32>| {
+            let tokens = row.iter().take_while(|&&m| m == 1).count();
+            tokens > 0 && row[tokens..].iter().all(|&m| m == 0)
+        };
+        if let Some(row) = mask.iter().position(|row| !right_padded(row)) {
+            candle_core::bail!(
+                "batch row {row}: attention masks must be right-padded (1 for each token from the first \
+                 position, then 0 for padding), got {:?}",
+                mask[row]
+            );
         }
         let mut tokens = Vec::with_capacity(batch * len);
         let mut token_of_slot = Vec::with_capacity(batch * len);
@@ -64,6 +72,15 @@ impl Packing {
         let within = RowGather::new(&rows, self.tokens.len(), device)?;
         let dropout = dropout.of_tokens(&tokens);
         Ok(Self { batch: self.batch, len: 1, tokens, gathers: None, within: Some(within), dropout })
+    }
+
+    /// Each example's `(first row, rows)` among the packed tokens, in order.
+    pub fn example_rows(&self) -> Vec<(usize, usize)> {
+        let mut rows = vec![(0, 0); self.batch];
+        for (token, &(example, _)) in self.tokens.iter().enumerate().rev() {
+            rows[example] = (token, rows[example].1 + 1);
+        }
+        rows
     }
 
     /// `(batch, len)` of the padded layout.

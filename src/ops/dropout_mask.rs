@@ -47,7 +47,7 @@ struct Mask<'a> {
 }
 
 /// A dropped element's uniform 24-bit draw is below the threshold; kept ones are scaled.
-fn threshold_and_scale(p: f32) -> (u64, f32) {
+pub(super) fn threshold_and_scale(p: f32) -> (u64, f32) {
     ((p as f64 * (1u64 << 24) as f64).round() as u64, 1.0 / (1.0 - p))
 }
 
@@ -161,16 +161,16 @@ fn mask_values(keys: &[u64], origins: Option<&[u64]>, site: u64, row_dims: &[usi
 
 /// One run of consecutive coordinates `first, first + 1, ...` of a row's mask.
 #[derive(Clone, Copy)]
-struct MaskRun {
-    row_key: u64,
-    first: u64,
-    threshold: u64,
-    scale: f32,
+pub(super) struct MaskRun {
+    pub(super) row_key: u64,
+    pub(super) first: u64,
+    pub(super) threshold: u64,
+    pub(super) scale: f32,
 }
 
 /// Writes every element of `out`; with AVX-512 where the CPU has it (eight 64-bit hashes at a
 /// time, where the baseline x86-64 build has no 64-bit vector multiply).
-fn mask_run(out: &mut [MaybeUninit<f32>], run: MaskRun) {
+pub(super) fn mask_run(out: &mut [MaybeUninit<f32>], run: MaskRun) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512dq") {
         // SAFETY: the CPU has the features the function is compiled for.

@@ -9,6 +9,7 @@
 //! versions are public so tests can check the fused kernels against them.
 
 mod adamw;
+mod attention;
 mod constant;
 mod dropout_mask;
 mod gather_rows;
@@ -18,6 +19,10 @@ mod matmul;
 mod softmax;
 
 pub(crate) use adamw::{AdamUpdate, Lerp};
+pub use attention::{
+    packed_attention, packed_attention_backward, packed_attention_serves, AttentionDropout, AttentionRows,
+    PackedAttention,
+};
 pub use constant::{add, add_constant, mul_constant};
 pub(crate) use dropout_mask::{dropout_mask, mix, origin as dropout_origin};
 pub use gather_rows::{gather_rows, RowGather};

@@ -16,18 +16,22 @@ use crate::model::packing::Packing;
 use crate::model::Pooling;
 use crate::ops;
 
-/// What attention's backward reads: the inputs of its matmuls (in the compute dtype), the softmax
-/// output before and after dropout, and the residual sum the LayerNorm normalised.
+/// What attention's backward reads: the inputs of its matmuls (in the compute dtype), its core's
+/// activations, and the residual sum the LayerNorm normalised.
 pub(super) struct AttentionActivations {
     pub(super) xs: Tensor,
     pub(super) queries: Tensor,
-    pub(super) q: Tensor,
-    pub(super) k: Tensor,
-    pub(super) v: Tensor,
-    pub(super) probs: Tensor,
-    pub(super) kept: Tensor,
+    pub(super) core: AttentionCore,
     pub(super) context: Tensor,
     pub(super) residual: Tensor,
+}
+
+/// Softmax attention from the projections to the context, as it ran: the packed kernel (CPU,
+/// f32; it recomputes the probabilities in its backward) or padded products, whose backward
+/// reads the softmax output before and after dropout.
+pub(super) enum AttentionCore {
+    Packed { q: Tensor, k: Tensor, v: Tensor, attention: ops::PackedAttention },
+    Padded { q: Tensor, k: Tensor, v: Tensor, probs: Tensor, kept: Tensor },
 }
 
 /// What the feed-forward block's backward reads.
@@ -143,14 +147,22 @@ impl SelfAttention {
         let d_residual = self.layer_norm.backward(&a.residual, grad, grads)?;
         let d_out = d_residual.to_dtype(compute)?;
         let d_out = queries.dropout().apply(&d_out, Site::AttentionOutput(self.layer))?;
-        let d_context = self.heads(&self.output.backward(&a.context, &d_out, grads)?, queries)?;
-        let d_kept = ops::matmul(&d_context, &a.v.t()?)?.to_dtype(a.probs.dtype())?;
-        let d_v = keys.pack(&ops::matmul_merge_heads(&a.kept.t()?, &d_context)?)?;
-        let d_probs = dropout.apply(&d_kept, Site::AttentionProbs(self.layer))?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let d_scores = ops::attention_softmax_backward(&a.probs, &d_probs, scale)?.to_dtype(compute)?;
-        let d_q = queries.pack(&ops::matmul_merge_heads(&d_scores, &a.k)?)?;
-        let d_k = keys.pack(&ops::matmul_merge_heads(&d_scores.t()?, &a.q)?)?;
+        let d_context = self.output.backward(&a.context, &d_out, grads)?;
+        let (d_q, d_k, d_v) = match &a.core {
+            AttentionCore::Packed { q, k, v, attention } => {
+                ops::packed_attention_backward(q, k, v, &d_context, attention)?
+            }
+            AttentionCore::Padded { q, k, v, probs, kept } => {
+                let d_context = self.heads(&d_context, queries)?;
+                let d_kept = ops::matmul(&d_context, &v.t()?)?.to_dtype(probs.dtype())?;
+                let d_v = keys.pack(&ops::matmul_merge_heads(&kept.t()?, &d_context)?)?;
+                let d_probs = dropout.apply(&d_kept, Site::AttentionProbs(self.layer))?;
+                let scale = 1.0 / (head_dim as f64).sqrt();
+                let d_scores = ops::attention_softmax_backward(probs, &d_probs, scale)?.to_dtype(compute)?;
+                let d_q = queries.pack(&ops::matmul_merge_heads(&d_scores, k)?)?;
+                (d_q, keys.pack(&ops::matmul_merge_heads(&d_scores.t()?, q)?)?, d_v)
+            }
+        };
         let d_queries = self.query.backward(&a.queries, &d_q, grads)?;
         let d_keys = self.key.backward(&a.xs, &d_k, grads)?;
         let d_values = self.value.backward(&a.xs, &d_v, grads)?;
