@@ -90,7 +90,8 @@ fn split_rows<'a, T>(mut data: &'a mut [T], rows: &[(usize, usize)], width: usiz
 }
 
 impl PackedAttention {
-    fn check(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<(usize, usize)> {
+    /// The row width of `q`, `k` and `v` once their shapes and the example rows agree.
+    fn check(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<usize> {
         let (queries, width) = q.shape().dims2()?;
         let keys = k.shape().dims2()?.0;
         let covers = |rows: &[(usize, usize)], total: usize| {
@@ -117,7 +118,7 @@ impl PackedAttention {
         {
             candle_core::bail!("attention: one query span, key span and dropout key per example");
         }
-        Ok((width, width / self.heads))
+        Ok(width)
     }
 
     /// Example `example`'s probabilities of query `i` at head `head` into `probs` (one per key,
@@ -311,7 +312,7 @@ impl CustomOp3 for PackedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (width, _) = self.check(l1, l2, l3)?;
+        let width = self.check(l1, l2, l3)?;
         let [q, k, v] = [(s1, l1), (s2, l2), (s3, l3)].map(|(s, l)| cpu_f32(s, l, "attention"));
         let (q, k, v) = (q?, k?, v?);
         let mut out = vec![0f32; q.len()];

@@ -50,11 +50,6 @@ impl RowGather {
     pub fn transposed(&self) -> Result<Self> {
         Self::from_maps(self.back.clone(), self.rows.clone(), self.on_device.device())
     }
-
-    /// How many rows the gather outputs.
-    pub fn output_rows(&self) -> usize {
-        self.rows.len()
-    }
 }
 
 /// The rows of `xs` (any shape; rows are its first dimension) that `gather` selects, in its
