@@ -15,7 +15,7 @@ use kdmcse::eval::{load_task, Task};
 use kdmcse::loss::Objective;
 use kdmcse::model::{dropout::example_key, dropout::Dropout, Pooling};
 use kdmcse::train::batches::{BatchKind, TwoViewBatch};
-use kdmcse::train::student::{Embeddings, HeadsSpec, Student};
+use kdmcse::train::student::{Embeddings, HeadsSpec, Output, Student};
 
 #[global_allocator]
 static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
@@ -93,18 +93,21 @@ fn main() -> anyhow::Result<()> {
             let (forward, backward) = if written_out {
                 let forward = student.forward_for_backward(&batch)?;
                 let values = forward.embeddings.detach();
-                let (z1, z2) = (Var::from_tensor(&values.z1)?, Var::from_tensor(&values.z2)?);
+                let output = |o: Output| Var::from_tensor(values.get(o).expect("text outputs"));
+                let (z1, z2) = (output(Output::Z1)?, output(Output::Z2)?);
                 let terms = objective.compute(z1.as_tensor(), z2.as_tensor(), None, 0)?;
                 let (forward_phase, backward_start) = mark((start, tensors));
                 let loss_grads = terms.total.backward()?;
                 let grad_of =
                     |var: &Var| loss_grads.get(var.as_tensor()).cloned().expect("the loss reads z1, z2");
-                let embedding_grads = Embeddings::from_tensors(vec![grad_of(&z1), grad_of(&z2)]);
+                let embedding_grads =
+                    Embeddings::new([(Output::Z1, grad_of(&z1)), (Output::Z2, grad_of(&z2))]);
                 std::hint::black_box(student.backward(forward, &embedding_grads)?);
                 (forward_phase, mark(backward_start).0)
             } else {
                 let embeddings = student.forward(&batch)?;
-                let terms = objective.compute(&embeddings.z1, &embeddings.z2, None, 0)?;
+                let output = |o: Output| embeddings.get(o).expect("text outputs");
+                let terms = objective.compute(output(Output::Z1), output(Output::Z2), None, 0)?;
                 let (forward_phase, backward_start) = mark((start, tensors));
                 std::hint::black_box(terms.total.backward()?);
                 (forward_phase, mark(backward_start).0)

@@ -27,7 +27,7 @@ impl SentenceEncoder {
     ) -> Result<Self> {
         let pooling = match pooling {
             Some(p) => p,
-            None => crate::export::folder_pooling(dir)?.unwrap_or(Pooling::Cls),
+            None => model::pooling::folder_pooling(dir)?.unwrap_or(Pooling::Cls),
         };
         let model = model::load_encoder(dir, device)?;
         let max_len = max_len.unwrap_or(model.config.max_tokens()).min(model.config.max_tokens());

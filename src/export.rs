@@ -11,24 +11,22 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 
-use crate::checkpoint::layout::{self, ENCODER_CONFIG, ENCODER_PREFIX, MODEL, POOLER, TOKENIZER_PREFIX};
+use crate::checkpoint::layout::{
+    self, TrainerState, ENCODER_CONFIG, ENCODER_PREFIX, MODEL, POOLER, TOKENIZER_PREFIX,
+};
 use crate::checkpoint::Checkpoint;
-use crate::model::{Config, Pooling};
+use crate::model::pooling::{pooling_config, POOLING_CONFIG};
 use crate::model_card::{model_card, CardFacts};
-use crate::train::{TrainConfig, TrainerState};
 
 /// The versions `scripts/check-export.py` last loaded an export with (it reports a mismatch with
 /// the ones installed): sentence-transformers records what a folder was saved with.
 const CHECKED_WITH: [(&str, &str); 3] =
     [("sentence_transformers", "6.2.0"), ("transformers", "5.24.0"), ("pytorch", "2.15.0")];
 
-/// sentence-transformers' pooling module of an export.
-const POOLING_CONFIG: &str = "1_Pooling/config.json";
-
 /// The files of the export of `checkpoint` (relative path -> contents).
 pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> {
-    let config = encoder_config(checkpoint)?;
-    let weights = candle_core::safetensors::load_buffer(checkpoint.part(MODEL)?, &Device::Cpu)?;
+    let config = layout::encoder_config(checkpoint)?;
+    let weights = layout::tensors(checkpoint, MODEL, &Device::Cpu)?;
     let mut encoder: BTreeMap<String, Tensor> = weights
         .into_iter()
         .filter_map(|(k, t)| k.strip_prefix(ENCODER_PREFIX).map(|k| (k.to_owned(), t)))
@@ -57,7 +55,7 @@ pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> 
         "sentence_bert_config.json".to_owned(),
         json(serde_json::json!({"max_seq_length": config.max_tokens(), "do_lower_case": false})),
     );
-    let pooling = layout::pooling(checkpoint)?;
+    let pooling = layout::run_config(checkpoint)?.model.pooling;
     files.insert(POOLING_CONFIG.to_owned(), json(pooling_config(config.hidden_size, pooling)));
     files.insert(
         "config_sentence_transformers.json".to_owned(),
@@ -77,66 +75,22 @@ pub fn export_files(checkpoint: &Checkpoint) -> Result<BTreeMap<String, Bytes>> 
     Ok(files)
 }
 
-/// The encoder's Hugging Face config that `checkpoint` carries.
-fn encoder_config(checkpoint: &Checkpoint) -> Result<Config> {
-    serde_json::from_slice(checkpoint.part(ENCODER_CONFIG)?)
-        .with_context(|| format!("checkpoint {}: unreadable {ENCODER_CONFIG}", checkpoint.name))
-}
-
 /// The model card of `checkpoint` (its config and trainer state), with STS results (task name,
 /// Spearman x100) when the export was evaluated.
 pub fn readme(checkpoint: &Checkpoint, sts: &[(String, f64)]) -> Result<String> {
-    let name = &checkpoint.name;
-    let dim = encoder_config(checkpoint)?.hidden_size;
-    let pooling = layout::pooling(checkpoint)?;
+    let dim = layout::encoder_config(checkpoint)?.hidden_size;
+    let cfg = layout::run_config(checkpoint)?;
     let config_toml = String::from_utf8_lossy(checkpoint.part(layout::CONFIG)?).into_owned();
-    let cfg: TrainConfig = toml::from_str(&config_toml)
-        .with_context(|| format!("checkpoint {name}: unreadable {}", layout::CONFIG))?;
     let state = TrainerState::of(checkpoint)?;
     let facts = CardFacts {
-        checkpoint: name,
+        checkpoint: &checkpoint.name,
         step: state.step,
         best: state.best_score.zip(state.best_step),
-        pooling,
+        pooling: cfg.model.pooling,
         dim,
         sts,
     };
     Ok(model_card(&cfg, &config_toml, &facts))
-}
-
-fn pooling_config(dim: usize, pooling: Pooling) -> serde_json::Value {
-    serde_json::json!({
-        "word_embedding_dimension": dim,
-        "pooling_mode_cls_token": pooling == Pooling::Cls,
-        "pooling_mode_mean_tokens": pooling == Pooling::Avg,
-        "pooling_mode_max_tokens": false,
-        "pooling_mode_mean_sqrt_len_tokens": false,
-        "pooling_mode_weightedmean_tokens": false,
-        "pooling_mode_lasttoken": false,
-        "include_prompt": true
-    })
-}
-
-/// The pooling a model folder states in its sentence-transformers module (`1_Pooling/config.json`),
-/// if it has one.
-pub fn folder_pooling(dir: &Path) -> Result<Option<Pooling>> {
-    let path = dir.join(POOLING_CONFIG);
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    let on = |key: &str| config[key].as_bool() == Some(true);
-    match (on("pooling_mode_cls_token"), on("pooling_mode_mean_tokens")) {
-        (true, false) => Ok(Some(Pooling::Cls)),
-        (false, true) => Ok(Some(Pooling::Avg)),
-        _ => anyhow::bail!(
-            "{}: kdmcse reads CLS or mean pooling (pooling_mode_cls_token or pooling_mode_mean_tokens); \
-             give --pooler to choose",
-            path.display()
-        ),
-    }
 }
 
 /// Writes `files` under the local folder `out`.

@@ -1,13 +1,16 @@
 //! kdmcse: multimodal sentence embeddings trained with KDMCSE.
 //!
 //! The library holds the method (`model`, `loss`, `data`, `eval`, the fused `ops` and their CUDA
-//! `kernels`), the machinery of distributed training (`dist`, `checkpoint`, `device`), and the
-//! training application built on them (`train`, with `export`, `embed`, `check` and `events`).
+//! `kernels`), the run's configuration (`config`), the machinery of distributed training
+//! (`dist`, `checkpoint` with the saved run's rules, `device`), what users take away (`export`,
+//! `model_card`, `embed`), and the training application built on them (`train`, which nothing
+//! else in the library uses but `check`).
 //! The `kdmcse` binary is a thin command line over it; `kdmcse-launch` (launcher/) starts its
 //! workers.
 
 pub mod check;
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod dist;
@@ -35,14 +38,12 @@ pub const VERSION: &str =
 
 /// An error in what the user gave -- the configuration, a data or model file, a checkpoint that
 /// does not fit the run, a run that diverges -- which running again cannot mend. `kdmcse` exits
-/// with [`InputError::EXIT_CODE`] on it, so `kdmcse-launch` and Kubernetes fail at once instead
-/// of restarting.
+/// with `dist::contract::exit::INPUT_ERROR` on it, so `kdmcse-launch` and Kubernetes fail at
+/// once instead of restarting.
 #[derive(Debug)]
 pub struct InputError(String);
 
 impl InputError {
-    pub const EXIT_CODE: i32 = 2;
-
     /// `err` (with its whole context chain) as an input error.
     pub fn wrap(err: anyhow::Error) -> anyhow::Error {
         anyhow::Error::new(InputError(format!("{err:#}")))

@@ -232,6 +232,61 @@ pub struct LossTerms {
     pub masked_negatives: usize,
 }
 
+/// How a reported number of several batches (a step's micro-batches, the ranks' rows) becomes
+/// one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// The mean over the batches that report it.
+    Mean,
+    Sum,
+}
+
+/// One number the objective reports for a batch, by its metrics name (`metrics.jsonl`'s key,
+/// TensorBoard's `train/<name>`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reported {
+    pub name: &'static str,
+    pub value: f64,
+    pub combine: Combine,
+}
+
+impl LossTerms {
+    /// Every number the batch reports: the total (`loss`), each term, what the filter removed.
+    pub fn reported(&self) -> Result<Vec<Reported>> {
+        let mean = |name, t: &Tensor| -> Result<Reported> {
+            Ok(Reported { name, value: scalar(t)?, combine: Combine::Mean })
+        };
+        let mut out = vec![mean("loss", &self.total)?, mean("loss_text", &self.text)?];
+        if let Some(grounding) = &self.grounding {
+            out.push(mean("loss_grounding", grounding)?);
+        }
+        let masked = self.masked_negatives as f64;
+        out.push(Reported { name: "masked_negatives", value: masked, combine: Combine::Sum });
+        Ok(out)
+    }
+}
+
+/// The numbers of several batches as one list, each name once (in the order it first appears),
+/// combined as it says; sums run in batch order, so every rank gets the same bits.
+pub fn combine(batches: &[Vec<Reported>]) -> Vec<Reported> {
+    let mut out: Vec<(Reported, usize)> = Vec::new();
+    for reported in batches.iter().flatten() {
+        match out.iter_mut().find(|(r, _)| r.name == reported.name) {
+            Some((r, count)) => {
+                r.value += reported.value;
+                *count += 1;
+            }
+            None => out.push((*reported, 1)),
+        }
+    }
+    out.into_iter()
+        .map(|(r, count)| match r.combine {
+            Combine::Mean => Reported { value: r.value / count as f64, ..r },
+            Combine::Sum => r,
+        })
+        .collect()
+}
+
 impl Objective {
     /// Whether the objective reads paired batches (captions with teacher features).
     pub fn uses_paired_data(&self) -> bool {
@@ -307,4 +362,28 @@ impl Objective {
 /// Reads a scalar loss tensor (rank 0 or `[1]`) as f64.
 pub fn scalar(t: &Tensor) -> Result<f64> {
     t.to_dtype(DType::F64)?.flatten_all()?.get(0)?.to_scalar::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reported(name: &'static str, value: f64, combine: Combine) -> Reported {
+        Reported { name, value, combine }
+    }
+
+    /// Means over the batches that report a number, sums as sums, names in first-seen order.
+    #[test]
+    fn reported_numbers_combine_by_name() {
+        let text =
+            vec![reported("loss", 1.0, Combine::Mean), reported("masked_negatives", 0.0, Combine::Sum)];
+        let paired = vec![
+            reported("loss", 3.0, Combine::Mean),
+            reported("loss_grounding", 5.0, Combine::Mean),
+            reported("masked_negatives", 4.0, Combine::Sum),
+        ];
+        let combined = combine(&[text, paired]);
+        let got: Vec<(&str, f64)> = combined.iter().map(|r| (r.name, r.value)).collect();
+        assert_eq!(got, [("loss", 2.0), ("masked_negatives", 4.0), ("loss_grounding", 5.0)]);
+    }
 }

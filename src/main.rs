@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, Parser, Subcommand};
+use kdmcse::checkpoint::{Resume, Start};
+use kdmcse::config::{in_range, TrainConfig};
 use kdmcse::device::DeviceSpec;
-use kdmcse::dist::Nccl;
+use kdmcse::dist::{contract, Nccl};
 use kdmcse::embed::SentenceEncoder;
 use kdmcse::eval::{self, Task};
 use kdmcse::model::Pooling;
-use kdmcse::train::config::in_range;
-use kdmcse::train::{Outcome, Resume, Start, TrainConfig, Trainer};
+use kdmcse::train::{Outcome, Trainer};
 use kdmcse::InputError;
 
 #[global_allocator]
@@ -185,7 +186,8 @@ fn main() {
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
-        std::process::exit(if InputError::is(&err) { InputError::EXIT_CODE } else { 1 });
+        let code = if InputError::is(&err) { contract::exit::INPUT_ERROR } else { contract::exit::FAILURE };
+        std::process::exit(code);
     }
 }
 
@@ -300,7 +302,7 @@ fn run_encode(args: EncodeArgs) -> Result<()> {
 
 fn run_train(args: TrainArgs) -> Result<()> {
     let config = TrainConfig::load(&args.config, &args.overrides).map_err(InputError::wrap)?;
-    if std::env::var_os("KDMCSE_LAUNCHED_GPUS").is_some() && !config.train.device.is_gpu() {
+    if std::env::var_os(contract::env::LAUNCHED_GPUS).is_some() && !config.train.device.is_gpu() {
         return Err(InputError::wrap(anyhow::anyhow!(
             "kdmcse-launch --gpus gave this worker a GPU, but train.device = {}: set train.device = \"cuda\" \
              or launch CPU workers with --nproc",
@@ -312,7 +314,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     // rendezvous must not hold its launcher for the grace period).
     let group = kdmcse::dist::init_from_env(&device, Nccl::WhenNeeded, config.dist.liveness())?;
     // Loading the model, corpora and dev set reads only what the config names.
-    let mut trainer = Trainer::new(config, group.comm.as_ref(), device).map_err(InputError::wrap)?;
+    let mut trainer = Trainer::new(config, group.comm.as_ref(), device)?;
     let start = Start {
         resume: args.resume,
         overwrite: args.overwrite,
@@ -341,7 +343,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
     if summary.outcome == Outcome::Interrupted {
         drop(trainer);
         drop(group); // its watchdog's last heartbeat says this rank is done
-        std::process::exit(143); // stopped by a signal, checkpoint written: not finished
+                     // Stopped by a signal, checkpoint written: not finished.
+        std::process::exit(contract::exit::stopped_by(signal_hook::consts::SIGTERM));
     }
     Ok(())
 }

@@ -6,9 +6,8 @@
 use std::fmt::Write;
 use std::path::Path;
 
+use crate::config::{TrainConfig, DEFAULT_GLOBAL_BATCH};
 use crate::model::Pooling;
-use crate::train::config::DEFAULT_GLOBAL_BATCH;
-use crate::train::TrainConfig;
 
 /// What a card states about its checkpoint besides the config.
 pub struct CardFacts<'a> {
@@ -44,31 +43,49 @@ fn quoted(text: &str) -> String {
 pub fn model_card(cfg: &TrainConfig, config_toml: &str, facts: &CardFacts) -> String {
     // A Hub id is the base model's name on the Hub; of a local folder only its name says anything.
     let base = crate::hub::hub_id(&cfg.model.path).map_or_else(|| name_of(&cfg.model.path), |id| id.repo);
+    let mut card = String::new();
+    front_matter(&mut card, cfg, &base);
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        card,
+        "# {base} fine-tuned with {}\n\nA sentence-embedding model ({} dimensions, {} pooling, cosine \
+         similarity) trained by kdmcse from `{base}`: contrastive \
+         learning on two dropout views of each sentence, grounded in a frozen CLIP teacher's image and \
+         caption features that set adaptive angular margins and filter noisy negatives.\n",
+        config_name(&cfg.loss.kind),
+        facts.dim,
+        config_name(&facts.pooling)
+    );
+    training(&mut card, cfg, facts);
+    evaluation(&mut card, facts.sts);
+    let _ =
+        writeln!(card, "\n## Usage\n\n```python\n{}```\n\nWith kdmcse: {}.\n", PYTHON_USAGE, kdmcse_usage());
+    let _ = writeln!(
+        card,
+        "## Configuration\n\nThe run's `config.toml` (also in this folder):\n\n```toml\n{}\n```",
+        config_toml.trim_end()
+    );
+    card
+}
+
+/// The YAML front matter the Hub reads.
+fn front_matter(w: &mut String, cfg: &TrainConfig, base: &str) {
     let mut datasets: Vec<String> = cfg.data.text.iter().map(|p| name_of(p)).collect();
     datasets.extend(cfg.data.paired.iter().map(|p| name_of(p)));
-    let l = &cfg.loss;
-    let mut card = String::new();
-    let w = &mut card;
-    // Writing to a String cannot fail.
     let _ = writeln!(w, "---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity");
     let _ =
         writeln!(w, "tags:\n- sentence-transformers\n- sentence-similarity\n- feature-extraction\n- kdmcse");
-    let _ = writeln!(w, "base_model: {}", quoted(&base));
+    let _ = writeln!(w, "base_model: {}", quoted(base));
     let _ = writeln!(w, "datasets:");
     for d in &datasets {
         let _ = writeln!(w, "- {}", quoted(d));
     }
     let _ = writeln!(w, "metrics:\n- spearman_cosine\n---\n");
-    let _ = writeln!(
-        w,
-        "# {base} fine-tuned with {}\n\nA sentence-embedding model ({} dimensions, {} pooling, cosine \
-         similarity) trained by kdmcse from `{base}`: contrastive \
-         learning on two dropout views of each sentence, grounded in a frozen CLIP teacher's image and \
-         caption features that set adaptive angular margins and filter noisy negatives.\n",
-        config_name(&l.kind),
-        facts.dim,
-        config_name(&facts.pooling)
-    );
+}
+
+/// How the model was trained: objective, data, steps and batch, the STS-B dev best.
+fn training(w: &mut String, cfg: &TrainConfig, facts: &CardFacts) {
+    let l = &cfg.loss;
     let _ = writeln!(w, "## Training\n");
     let _ = writeln!(
         w,
@@ -78,21 +95,17 @@ pub fn model_card(cfg: &TrainConfig, config_toml: &str, facts: &CardFacts) -> St
         l.temp_vl,
         l.lambda
     );
+    let filter = match l.filter {
+        Some(f) => format!("{}, threshold {}", config_name(&f), l.filter_threshold),
+        None => "off".into(),
+    };
     let _ = writeln!(
         w,
-        "- Angular margins: text {}, vision-language {}; noisy-negative filter: {}",
-        l.margin_text,
-        l.margin_vl,
-        match l.filter {
-            Some(f) => format!("{}, threshold {}", config_name(&f), l.filter_threshold),
-            None => "off".into(),
-        }
+        "- Angular margins: text {}, vision-language {}; noisy-negative filter: {filter}",
+        l.margin_text, l.margin_vl
     );
-    let _ = writeln!(
-        w,
-        "- Text data: {}",
-        cfg.data.text.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", ")
-    );
+    let text: Vec<String> = cfg.data.text.iter().map(|p| format!("`{}`", p.display())).collect();
+    let _ = writeln!(w, "- Text data: {}", text.join(", "));
     if let Some(paired) = &cfg.data.paired {
         let _ = writeln!(w, "- Paired data (teacher features): `{}`", paired.display());
     }
@@ -104,43 +117,49 @@ pub fn model_card(cfg: &TrainConfig, config_toml: &str, facts: &CardFacts) -> St
     let _ = writeln!(w, "- Steps: {}, batch {batch}, learning rate {}, seed {}", facts.step, t.lr, t.seed);
     let _ =
         writeln!(w, "- Exported from checkpoint `{}` of the run at `{}`", facts.checkpoint, cfg.output.dir);
-    match facts.best {
-        Some((score, step)) => {
-            let _ = writeln!(
-                w,
-                "- STS-B dev (Spearman x100, evaluated during training): best {score:.2} at step {step}"
-            );
-        }
-        None => {
-            let _ = writeln!(w, "- STS-B dev: not evaluated during training");
-        }
-    }
-    if !facts.sts.is_empty() {
-        let _ = writeln!(
+    let _ = match facts.best {
+        Some((score, step)) => writeln!(
             w,
-            "\n## Evaluation\n\nSentEval's STS tasks (cosine similarity, Spearman x100; STS12-16 over all their \
-             subsets), evaluated on this export by `kdmcse export --eval`:\n\n| task | Spearman x100 |\n|---|---|"
-        );
-        for (task, score) in facts.sts {
-            let _ = writeln!(w, "| {task} | {score:.2} |");
-        }
-        let mean = facts.sts.iter().map(|(_, s)| s).sum::<f64>() / facts.sts.len() as f64;
-        let _ = writeln!(w, "| mean | {mean:.2} |");
+            "- STS-B dev (Spearman x100, evaluated during training): best {score:.2} at step {step}"
+        ),
+        None => writeln!(w, "- STS-B dev: not evaluated during training"),
+    };
+}
+
+/// The STS results of the export, when it was evaluated.
+fn evaluation(w: &mut String, sts: &[(String, f64)]) {
+    if sts.is_empty() {
+        return;
     }
     let _ = writeln!(
         w,
-        "\n## Usage\n\n```python\nfrom sentence_transformers import SentenceTransformer\n\nmodel = \
-         SentenceTransformer(\"path/to/this/folder\")\nembeddings = model.encode([\"A man is playing a \
-         guitar.\", \"Someone plays an instrument.\"])\nprint(model.similarity(embeddings, embeddings))\n```\n\n\
-         With kdmcse: `kdmcse eval --model path/to/this/folder --data SENTEVAL_DATA` (the SentEval STS \
-         tasks) or `kdmcse encode --model path/to/this/folder --input sentences.txt --out emb.safetensors`.\n"
+        "\n## Evaluation\n\nSentEval's STS tasks (cosine similarity, Spearman x100; STS12-16 over all their \
+         subsets), evaluated on this export by `kdmcse export --eval`:\n\n| task | Spearman x100 |\n|---|---|"
     );
-    let _ = writeln!(
-        w,
-        "## Configuration\n\nThe run's `config.toml` (also in this folder):\n\n```toml\n{}\n```",
-        config_toml.trim_end()
-    );
-    card
+    for (task, score) in sts {
+        let _ = writeln!(w, "| {task} | {score:.2} |");
+    }
+    let mean = sts.iter().map(|(_, s)| s).sum::<f64>() / sts.len() as f64;
+    let _ = writeln!(w, "| mean | {mean:.2} |");
+}
+
+/// Where the card's usage lines name the export; a user (and the test that runs them) puts the
+/// folder's path there.
+pub const FOLDER_PLACEHOLDER: &str = "path/to/this/folder";
+
+const PYTHON_USAGE: &str = "from sentence_transformers import SentenceTransformer\n\nmodel = \
+    SentenceTransformer(\"path/to/this/folder\")\nembeddings = model.encode([\"A man is playing a guitar.\", \
+    \"Someone plays an instrument.\"])\nprint(model.similarity(embeddings, embeddings))\n";
+
+/// The kdmcse commands the card gives, as shell lines (the SentEval STS tasks; embeddings of a
+/// file of sentences).
+pub const KDMCSE_USAGE: [&str; 2] = [
+    "kdmcse eval --model path/to/this/folder --data SENTEVAL_DATA",
+    "kdmcse encode --model path/to/this/folder --input sentences.txt --output embeddings.safetensors",
+];
+
+fn kdmcse_usage() -> String {
+    format!("`{}` (the SentEval STS tasks) or `{}`", KDMCSE_USAGE[0], KDMCSE_USAGE[1])
 }
 
 #[cfg(test)]

@@ -377,3 +377,49 @@ fn two_ranks_stop_and_resume_through_s3_equal_an_uninterrupted_run() {
     let a = common::checkpoint_weights(&open_store(&straight, server.port), "step-00000006");
     assert_eq!(common::max_weight_diff(&a, &common::checkpoint_weights(&store, "step-00000006")), 0.0);
 }
+
+/// A store that is down while the workers start up is a runtime failure (exit 1), which a
+/// restart may cure, not an input error (exit 2, never restarted): under `--max-restarts 1` the
+/// launcher restarts the group once the first fails, and it trains to the end with the store back.
+#[test]
+fn a_store_down_at_start_up_is_restarted_and_the_job_finishes() {
+    let server = S3Server::start();
+    let proxy = Proxy::start(server.port);
+    proxy.cut();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("s3://{BUCKET}/runs/store-down-at-start");
+    let cfg = common::quick_config(dir.path(), &url, 8, 2);
+    // Metrics in the bucket: the trainer reads their history while it starts up.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text: Vec<&str> = text.lines().filter(|l| !l.starts_with("metrics = ")).collect();
+    std::fs::write(&cfg, text.join("\n")).unwrap();
+    let mut cmd = Command::new(launcher_bin());
+    s3_env(&mut cmd, proxy.port)
+        .env("KDMCSE_BIN", env!("CARGO_BIN_EXE_kdmcse"))
+        .args([
+            "--nproc",
+            "1",
+            "--standalone",
+            "--max-restarts",
+            "1",
+            "--",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut log = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
+        if line.contains("restarting in round 1") {
+            proxy.restore();
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the restarted job finishes:\n{log}");
+    assert!(log.contains("rank 0 failed with exit code 1") && log.contains("metrics.jsonl"), "{log}");
+    let store = open_store(&url, server.port);
+    assert_eq!(store.pointer(Pointer::Latest).unwrap().as_deref(), Some("step-00000002"));
+}

@@ -192,6 +192,38 @@ fn export_is_a_hugging_face_folder_that_kdmcse_reads() {
     let card = std::fs::read_to_string(evaluated.join("README.md")).unwrap();
     let row = format!("| STS16 | {:.2} |", scores["STS16"].as_f64().unwrap());
     assert!(card.contains("## Evaluation") && card.contains(&row), "{row} in:\n{card}");
+    run_the_cards_kdmcse_lines(&card, &evaluated, &data);
+}
+
+/// Runs every `kdmcse ...` command of a model card's usage section as written, with the export's
+/// folder, the STS data and a file of sentences where the card puts their placeholders.
+fn run_the_cards_kdmcse_lines(card: &str, export: &std::path::Path, sts_data: &std::path::Path) {
+    let usage = card.split("## Usage").nth(1).expect("a usage section");
+    let usage = usage.split("\n## ").next().unwrap();
+    let commands: Vec<&str> =
+        usage.split('`').skip(1).step_by(2).filter(|span| span.starts_with("kdmcse ")).collect();
+    assert!(commands.len() >= 2, "the card gives eval and encode lines:\n{usage}");
+    let cwd = tempfile::tempdir().unwrap();
+    std::fs::write(cwd.path().join("sentences.txt"), "A man is playing a guitar.\nSomeone plays music.\n")
+        .unwrap();
+    for command in commands {
+        assert!(!command.contains(['"', '\'', '$']), "a plain command line: {command}");
+        let line = command
+            .replace("path/to/this/folder", export.to_str().unwrap())
+            .replace("SENTEVAL_DATA", sts_data.to_str().unwrap());
+        let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let out = common::process::kdmcse_command().args(&args).current_dir(cwd.path()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "the card's `{command}` fails:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let embeddings = std::fs::read_dir(cwd.path()).unwrap().filter_map(Result::ok);
+    assert!(
+        embeddings.into_iter().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")),
+        "the card's encode line writes its embeddings"
+    );
 }
 
 /// The export states the pooling the run trained with (here mean pooling), and `kdmcse encode` on

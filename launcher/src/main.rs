@@ -15,6 +15,7 @@ mod rendezvous;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::ToSocketAddrs;
+use std::ops::ControlFlow;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use kdmcse::dist::contract::{env as worker_env, exit};
 use kdmcse::dist::store::StoreServer;
 use rendezvous::{Ending, Rendezvous};
 
@@ -81,17 +83,14 @@ struct Args {
 
 static SIGNAL: AtomicUsize = AtomicUsize::new(0);
 
-/// What `kdmcse` exits with on a configuration or input error (and what this launcher exits
-/// with on its own bad arguments): never restarted.
-const INPUT_ERROR: i32 = 2;
-
 fn main() {
     let args = Args::parse();
     match run(args) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
             eprintln!("[launcher] error: {err:#}");
-            std::process::exit(INPUT_ERROR);
+            // Its own bad arguments, like a worker's bad input: never restarted.
+            std::process::exit(exit::INPUT_ERROR);
         }
     }
 }
@@ -241,21 +240,20 @@ fn spawn_group(plan: &Plan, env: &GroupEnv, worker_args: &[String]) -> Result<Ve
         let rank = plan.node_rank * plan.local_world + local_rank;
         let mut cmd = Command::new(&bin);
         cmd.args(worker_args)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", plan.world_size.to_string())
-            .env("LOCAL_RANK", local_rank.to_string())
-            .env("LOCAL_WORLD_SIZE", plan.local_world.to_string())
-            .env("GROUP_RANK", plan.node_rank.to_string())
-            .env("MASTER_ADDR", env.store_host)
-            .env("MASTER_PORT", env.store_port.to_string())
-            .env("KDMCSE_RUN_ID", env.run_id)
-            .env("KDMCSE_ROUND", env.round.to_string())
-            .env("KDMCSE_RESTART_COUNT", env.round.to_string())
+            .env(worker_env::RANK, rank.to_string())
+            .env(worker_env::WORLD_SIZE, plan.world_size.to_string())
+            .env(worker_env::LOCAL_RANK, local_rank.to_string())
+            .env(worker_env::LOCAL_WORLD_SIZE, plan.local_world.to_string())
+            .env(worker_env::GROUP_RANK, plan.node_rank.to_string())
+            .env(worker_env::MASTER_ADDR, env.store_host)
+            .env(worker_env::MASTER_PORT, env.store_port.to_string())
+            .env(worker_env::RUN_ID, env.run_id)
+            .env(worker_env::ROUND, env.round.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(gpus) = &plan.gpus {
-            cmd.env("CUDA_VISIBLE_DEVICES", &gpus[local_rank]).env("KDMCSE_LAUNCHED_GPUS", "1");
+            cmd.env("CUDA_VISIBLE_DEVICES", &gpus[local_rank]).env(worker_env::LAUNCHED_GPUS, "1");
         }
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             // Share the cores instead of oversubscribing them (torchrun sets OMP_NUM_THREADS).
@@ -441,9 +439,22 @@ fn watch(
 
 fn run(args: Args) -> Result<i32> {
     let plan = plan(&args)?;
+    forward_signals()?;
+    let (store, store_host, store_port) = start_store(&args, &plan)?;
+    let timeout = kdmcse::dist::timeout_from_env()?;
+    let addr = format!("{store_host}:{store_port}");
+    let mut rdzv = Rendezvous::connect(&addr, &args.rdzv_id, plan.node_rank, args.nnodes, timeout)
+        .with_context(|| format!("node {}: cannot join the job", plan.node_rank))?;
+    let job = Job { args: &args, plan: &plan, store_host: &store_host, store_port };
+    let code = job.run(&mut rdzv)?;
+    drop(store);
+    Ok(code)
+}
+
+/// Records which signal arrived (SIGINT, SIGTERM); the watch loop forwards it to the workers.
+fn forward_signals() -> Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let flag = Arc::new(AtomicUsize::new(0));
-        // Record which signal arrived; the watch loop forwards it.
         signal_hook::flag::register_usize(signal, Arc::clone(&flag), signal as usize)
             .context("cannot install signal handlers")?;
         std::thread::spawn(move || loop {
@@ -454,26 +465,71 @@ fn run(args: Args) -> Result<i32> {
             std::thread::sleep(Duration::from_millis(20));
         });
     }
-    let (store, store_host, store_port) = start_store(&args, &plan)?;
-    let timeout = kdmcse::dist::timeout_from_env()?;
-    let addr = format!("{store_host}:{store_port}");
-    let mut rdzv = Rendezvous::connect(&addr, &args.rdzv_id, plan.node_rank, args.nnodes, timeout)
-        .with_context(|| format!("node {}: cannot join the job", plan.node_rank))?;
-    let grace = Duration::from_secs(args.stop_timeout_s);
-    let mut round = 0;
-    let code = loop {
-        round = rdzv.join(round)?;
-        if round > args.max_restarts {
+    Ok(())
+}
+
+/// This node's part of the job: the rounds it takes part in.
+struct Job<'a> {
+    args: &'a Args,
+    plan: &'a Plan,
+    store_host: &'a str,
+    store_port: u16,
+}
+
+impl Job<'_> {
+    /// Joins round after round until the job ends: every worker finished, a stop signal, an input
+    /// error, or a failure with no restart left. Returns the launcher's exit code.
+    fn run(&self, rdzv: &mut Rendezvous) -> Result<i32> {
+        let (args, max_restarts) = (self.args, self.args.max_restarts);
+        let mut round = 0;
+        loop {
+            round = rdzv.join(round)?;
+            if round > max_restarts {
+                eprintln!("[launcher] the job is at round {round}: no restart is left (--max-restarts {max_restarts})");
+                return Ok(exit::FAILURE);
+            }
+            let ending = match self.round(rdzv, round)? {
+                ControlFlow::Break(code) => return Ok(code),
+                ControlFlow::Continue(ending) => ending,
+            };
+            if let Ok(Some(lost)) = rdzv.lost(round) {
+                eprintln!("[launcher] round {round}: {lost}");
+            }
+            if ending.code == exit::INPUT_ERROR {
+                eprintln!(
+                    "[launcher] round {round} ended on a configuration or input error (exit {}, {}): \
+                     restarting cannot help",
+                    exit::INPUT_ERROR,
+                    ending.reason
+                );
+                return Ok(exit::INPUT_ERROR);
+            }
+            if round >= max_restarts {
+                eprintln!(
+                    "[launcher] round {round} ended ({}) and no restart is left (--max-restarts {max_restarts})",
+                    ending.reason
+                );
+                return Ok(ending.code);
+            }
+            round += 1;
             eprintln!(
-                "[launcher] the job is at round {round}: no restart is left (--max-restarts {})",
+                "[launcher] round {} ended ({}): restarting in round {round} of at most {}, resuming from the newest checkpoint",
+                round - 1,
+                ending.reason,
                 args.max_restarts
             );
-            break 1;
         }
+    }
+
+    /// Starts this node's workers for `round` and watches them: `Break` with the job's exit code
+    /// when the job ends with the round (it finished, or a signal stopped it), else `Continue`
+    /// with why the round ended.
+    fn round(&self, rdzv: &mut Rendezvous, round: u64) -> Result<ControlFlow<i32, Ending>> {
+        let plan = self.plan;
         eprintln!(
             "[launcher] node {}/{}: round {round}: starting ranks {}..{} of {}",
             plan.node_rank,
-            args.nnodes,
+            self.args.nnodes,
             plan.node_rank * plan.local_world,
             (plan.node_rank + 1) * plan.local_world,
             plan.world_size,
@@ -481,69 +537,46 @@ fn run(args: Args) -> Result<i32> {
         // Every round after the first continues the run from its newest checkpoint.
         let worker_args = if round == 0 { plan.worker_args.clone() } else { resume_auto(&plan.worker_args) };
         let env = GroupEnv {
-            store_host: &store_host,
-            store_port,
-            run_id: &args.rdzv_id,
+            store_host: self.store_host,
+            store_port: self.store_port,
+            run_id: &self.args.rdzv_id,
             round,
-            log_dir: args.log_dir.as_deref(),
+            log_dir: self.args.log_dir.as_deref(),
         };
-        let mut children = spawn_group(&plan, &env, &worker_args)?;
+        let mut children = spawn_group(plan, &env, &worker_args)?;
         let mut round_ended = || match rdzv.ended(round) {
             Ok(ending) => ending,
-            Err(err) => Some(Ending { code: 1, reason: format!("lost the rendezvous store: {err:#}") }),
+            Err(err) => {
+                Some(Ending { code: exit::FAILURE, reason: format!("lost the rendezvous store: {err:#}") })
+            }
         };
-        let ending = match watch(&mut children, plan.node_rank, grace, &mut round_ended) {
+        let grace = Duration::from_secs(self.args.stop_timeout_s);
+        Ok(match watch(&mut children, plan.node_rank, grace, &mut round_ended) {
             GroupOutcome::Finished => match rdzv.finish(round) {
-                Ok(None) => break 0,
-                Ok(Some(ending)) => ending,
+                Ok(None) => ControlFlow::Break(0),
+                Ok(Some(ending)) => ControlFlow::Continue(ending),
                 // Node 0 waits for every node; the others are done once their workers are.
                 Err(err) if plan.node_rank > 0 => {
                     eprintln!("[launcher] {err:#}");
-                    break 0;
+                    ControlFlow::Break(0)
                 }
                 Err(err) => return Err(err),
             },
             GroupOutcome::Interrupted(signal) => {
+                let code = exit::stopped_by(signal);
                 let reason = format!("node {}'s launcher got signal {signal}", plan.node_rank);
-                let _ = rdzv.end(round, &Ending { code: 128 + signal, reason });
-                break 128 + signal;
+                let _ = rdzv.end(round, &Ending { code, reason });
+                ControlFlow::Break(code)
             }
             GroupOutcome::Failed { rank, status } => {
-                let code = status.code().filter(|&c| c != 0).unwrap_or(1);
+                let code = status.code().filter(|&c| c != 0).unwrap_or(exit::FAILURE);
                 let ending = Ending { code, reason: format!("rank {rank} failed with {}", describe(status)) };
                 rdzv.end(round, &ending)?;
-                ending
+                ControlFlow::Continue(ending)
             }
-            GroupOutcome::RoundEnded(ending) => ending,
-        };
-        if let Ok(Some(lost)) = rdzv.lost(round) {
-            eprintln!("[launcher] round {round}: {lost}");
-        }
-        if ending.code == INPUT_ERROR {
-            eprintln!(
-                "[launcher] round {round} ended on a configuration or input error (exit {INPUT_ERROR}, {}): \
-                 restarting cannot help",
-                ending.reason
-            );
-            break INPUT_ERROR;
-        }
-        if round >= args.max_restarts {
-            eprintln!(
-                "[launcher] round {round} ended ({}) and no restart is left (--max-restarts {})",
-                ending.reason, args.max_restarts
-            );
-            break ending.code;
-        }
-        round += 1;
-        eprintln!(
-            "[launcher] round {} ended ({}): restarting in round {round} of at most {}, resuming from the newest checkpoint",
-            round - 1,
-            ending.reason,
-            args.max_restarts
-        );
-    };
-    drop(store);
-    Ok(code)
+            GroupOutcome::RoundEnded(ending) => ControlFlow::Continue(ending),
+        })
+    }
 }
 
 /// Node 0 hosts the rendezvous store (on a free loopback port with `--standalone`); the other

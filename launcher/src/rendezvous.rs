@@ -4,13 +4,15 @@
 //! it on every node, and each launcher stops its workers and joins the next round. The round
 //! number is the job's restart count.
 //!
-//! Keys, all under `{run id}/`: `round` (the newest round), and per round K under `r{K}/`:
-//! `node/{n}` (node n joined), `ended` (why the round ended: `"{exit code} {reason}"`),
-//! `done/{n}` (node n's workers finished) and the workers' own keys (`tcp/`, `hb/`, `lost`).
+//! Keys (laid out in `kdmcse::dist::contract`), all under `{run id}/`: `round` (the newest
+//! round), and per round K under `r{K}/`: `node/{n}` (node n joined), `ended` (why the round
+//! ended: `"{exit code} {reason}"`), `done/{n}` (node n's workers finished) and the workers' own
+//! keys (`tcp/`, `hb/`, `lost`).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kdmcse::dist::contract::{exit, newest_round_key, RoundKeys};
 use kdmcse::dist::store::StoreClient;
 
 /// Why a round ended: the exit code the job would end with, and what happened.
@@ -28,7 +30,7 @@ impl Ending {
     fn decode(bytes: &[u8]) -> Self {
         let text = String::from_utf8_lossy(bytes);
         let (code, reason) = text.split_once(' ').unwrap_or((&text, ""));
-        Self { code: code.parse().unwrap_or(1), reason: reason.to_owned() }
+        Self { code: code.parse().unwrap_or(exit::FAILURE), reason: reason.to_owned() }
     }
 }
 
@@ -51,12 +53,12 @@ impl Rendezvous {
         Ok(Self { client, run: run.to_owned(), node, nnodes, timeout })
     }
 
-    fn key(&self, round: u64, rest: &str) -> String {
-        format!("{}/r{round}/{rest}", self.run)
+    fn keys(&self, round: u64) -> RoundKeys {
+        RoundKeys::new(&self.run, round)
     }
 
     fn newest_round(&mut self) -> Result<u64> {
-        let key = format!("{}/round", self.run);
+        let key = newest_round_key(&self.run);
         Ok(self.client.check(&key)?.and_then(|v| String::from_utf8_lossy(&v).parse().ok()).unwrap_or(0))
     }
 
@@ -67,19 +69,19 @@ impl Rendezvous {
         loop {
             let newest = self.newest_round()?;
             round = round.max(newest);
-            if self.client.check(&self.key(round, &format!("node/{}", self.node)))?.is_some() {
+            if self.client.check(&self.keys(round).node_joined(self.node))?.is_some() {
                 let reason = format!("node {} rejoined (a replacement launcher)", self.node);
-                self.end(round, &Ending { code: 1, reason })?;
+                self.end(round, &Ending { code: exit::FAILURE, reason })?;
             }
             if self.ended(round)?.is_some() {
                 round += 1;
                 continue;
             }
             if round > newest {
-                self.client.set(&format!("{}/round", self.run), round.to_string().as_bytes())?;
+                self.client.set(&newest_round_key(&self.run), round.to_string().as_bytes())?;
             }
             let me = format!("pid {}", std::process::id());
-            self.client.set(&self.key(round, &format!("node/{}", self.node)), me.as_bytes())?;
+            self.client.set(&self.keys(round).node_joined(self.node), me.as_bytes())?;
             if self.wait_for_nodes(round)? {
                 return Ok(round);
             }
@@ -91,7 +93,7 @@ impl Rendezvous {
     fn wait_for_nodes(&mut self, round: u64) -> Result<bool> {
         let deadline = Instant::now() + self.timeout;
         loop {
-            let missing = self.nodes_without(round, "node")?;
+            let missing = self.nodes_without(round, RoundKeys::node_joined)?;
             if missing.is_empty() {
                 return Ok(true);
             }
@@ -108,11 +110,12 @@ impl Rendezvous {
         }
     }
 
-    /// The nodes whose key `{what}/{node}` of `round` is not set yet.
-    fn nodes_without(&mut self, round: u64, what: &str) -> Result<Vec<usize>> {
+    /// The nodes whose key `key(node)` of `round` is not set yet.
+    fn nodes_without(&mut self, round: u64, key: fn(&RoundKeys, usize) -> String) -> Result<Vec<usize>> {
+        let keys = self.keys(round);
         let mut missing = Vec::new();
         for node in 0..self.nnodes {
-            if self.client.check(&self.key(round, &format!("{what}/{node}")))?.is_none() {
+            if self.client.check(&key(&keys, node))?.is_none() {
                 missing.push(node);
             }
         }
@@ -121,29 +124,29 @@ impl Rendezvous {
 
     /// Why `round` ended, if it has.
     pub fn ended(&mut self, round: u64) -> Result<Option<Ending>> {
-        Ok(self.client.check(&self.key(round, "ended"))?.map(|v| Ending::decode(&v)))
+        Ok(self.client.check(&self.keys(round).ended())?.map(|v| Ending::decode(&v)))
     }
 
     /// Ends `round` for every node (the first reason stays).
     pub fn end(&mut self, round: u64, ending: &Ending) -> Result<()> {
         if self.ended(round)?.is_none() {
-            self.client.set(&self.key(round, "ended"), &ending.encode())?;
+            self.client.set(&self.keys(round).ended(), &ending.encode())?;
         }
         Ok(())
     }
 
     /// A worker watchdog's verdict on a lost rank in `round`, if one was given.
     pub fn lost(&mut self, round: u64) -> Result<Option<String>> {
-        Ok(self.client.check(&self.key(round, "lost"))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.client.check(&self.keys(round).lost())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Records that this node's workers finished `round`, then waits until every node's have
     /// (`None`) or the round ended (`Some`). Node 0 hosts the store, so it is the last to go.
     pub fn finish(&mut self, round: u64) -> Result<Option<Ending>> {
-        self.client.set(&self.key(round, &format!("done/{}", self.node)), b"")?;
+        self.client.set(&self.keys(round).node_done(self.node), b"")?;
         let deadline = Instant::now() + self.timeout;
         loop {
-            let waiting = self.nodes_without(round, "done")?;
+            let waiting = self.nodes_without(round, RoundKeys::node_done)?;
             if waiting.is_empty() {
                 return Ok(None);
             }

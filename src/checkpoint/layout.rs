@@ -8,8 +8,12 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 
+use serde::{Deserialize, Serialize};
+
 use super::{split_location, Checkpoint, CheckpointStore};
-use crate::model::{self, Pooling};
+use crate::config::TrainConfig;
+use crate::data::DataPosition;
+use crate::model;
 
 /// Every trainable tensor: `encoder.<Hugging Face key>` and `heads.<head>.dense.*`.
 pub const MODEL: &str = "model.safetensors";
@@ -17,7 +21,7 @@ pub const ENCODER_PREFIX: &str = "encoder.";
 pub const HEADS_PREFIX: &str = "heads.";
 /// The optimiser's moments and step counts.
 pub const OPTIMIZER: &str = "optimizer.safetensors";
-/// Where the run stands (`train::TrainerState`).
+/// Where the run stands ([`TrainerState`]).
 pub const STATE: &str = "trainer.json";
 /// The run's effective configuration.
 pub const CONFIG: &str = "config.toml";
@@ -82,20 +86,50 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Bytes> {
     Ok(Bytes::from(safetensors::serialize(sorted, None)?))
 }
 
-/// The sentence pooling the run trained and selected its checkpoints with (`model.pooling` of
-/// its config; CLS when unset).
-pub fn pooling(checkpoint: &Checkpoint) -> Result<Pooling> {
+/// Where a run stands: saved with every checkpoint ([`STATE`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimiser steps taken.
+    pub step: u64,
+    #[serde(flatten)]
+    pub data: DataPosition,
+    pub best_score: Option<f64>,
+    pub best_step: Option<u64>,
+    /// The world size that wrote the checkpoint (cursors are global; see `data::sampler`).
+    pub world_size: usize,
+}
+
+impl TrainerState {
+    /// A run before its first step on `world_size` ranks.
+    pub fn start(world_size: usize) -> Self {
+        Self { step: 0, data: DataPosition::default(), best_score: None, best_step: None, world_size }
+    }
+
+    /// The state `checkpoint` was written with.
+    pub fn of(checkpoint: &Checkpoint) -> Result<Self> {
+        serde_json::from_slice(checkpoint.part(STATE)?)
+            .with_context(|| format!("checkpoint {}: unreadable {STATE}", checkpoint.name))
+    }
+}
+
+/// The configuration the run of `checkpoint` trained with (its [`CONFIG`]), read with today's
+/// defaults for keys it predates.
+pub fn run_config(checkpoint: &Checkpoint) -> Result<TrainConfig> {
     let text = std::str::from_utf8(checkpoint.part(CONFIG)?)
         .with_context(|| format!("checkpoint {}: {CONFIG} is not UTF-8", checkpoint.name))?;
-    let config: toml::Table = toml::from_str(text)
-        .with_context(|| format!("checkpoint {}: unreadable {CONFIG}", checkpoint.name))?;
-    match config.get("model").and_then(|m| m.get("pooling")) {
-        None => Ok(Pooling::Cls),
-        Some(value) => value
-            .clone()
-            .try_into()
-            .with_context(|| format!("checkpoint {}: {CONFIG} has model.pooling = {value}", checkpoint.name)),
-    }
+    toml::from_str(text).with_context(|| format!("checkpoint {}: unreadable {CONFIG}", checkpoint.name))
+}
+
+/// The student's Hugging Face config that `checkpoint` carries ([`ENCODER_CONFIG`]).
+pub fn encoder_config(checkpoint: &Checkpoint) -> Result<model::Config> {
+    serde_json::from_slice(checkpoint.part(ENCODER_CONFIG)?)
+        .with_context(|| format!("checkpoint {}: unreadable {ENCODER_CONFIG}", checkpoint.name))
+}
+
+/// A safetensors part of `checkpoint` ([`MODEL`], [`OPTIMIZER`]) as named tensors on `device`.
+pub fn tensors(checkpoint: &Checkpoint, part: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(checkpoint.part(part)?, device)
+        .with_context(|| format!("checkpoint {}: unreadable {part}", checkpoint.name))
 }
 
 /// Opens the checkpoint `location` names: `<root>/checkpoints/<name>`; a bare name

@@ -7,10 +7,14 @@
 //!
 //! A reader trusts a checkpoint only when its manifest verifies, so a crash or a lost connection
 //! at any point leaves at worst an unreferenced, unverifiable directory, never a corrupt resume.
-//! What a training checkpoint holds, part by part, is [`layout`]'s.
+//! What a training checkpoint holds, part by part, is [`layout`]'s; the rules of a saved run
+//! (resume, refuse, save, export) are the [`Checkpointer`]'s.
 
 pub mod background;
+pub mod checkpointer;
 pub mod layout;
+
+pub use checkpointer::{Checkpointer, Resume, Start};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -74,6 +78,9 @@ impl Pointer {
         }
     }
 }
+
+/// Where a finished run's best model goes, under its root.
+pub const BEST_MODEL: &str = "best-model";
 
 /// Whether `location` is a URL of an object store rather than a local path.
 pub fn is_remote(location: &str) -> bool {
@@ -416,7 +423,7 @@ impl CheckpointStore {
                 }
             }
         }
-        for prefix in ["checkpoints", "best-model"] {
+        for prefix in ["checkpoints", BEST_MODEL] {
             self.delete_all(prefix)?;
         }
         Ok(())

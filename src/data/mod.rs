@@ -9,7 +9,7 @@ pub mod text_file;
 pub mod tokenize;
 
 pub use corpus::{PairedBatch, PairedCorpus, TextCorpus};
-pub use sampler::{Cursor, Sampler};
+pub use sampler::{Cursor, DataPosition, Sampler};
 pub use tokenize::{Encoded, TokenBatch, Tokenizer};
 
 use std::path::Path;

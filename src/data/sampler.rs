@@ -22,6 +22,15 @@ pub struct Cursor {
     pub offset: usize,
 }
 
+/// Where the data streams stand; saved with every checkpoint (inside the trainer state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DataPosition {
+    /// Micro-batches taken (`step * grad_accum`); decides text vs paired batches and dropout.
+    pub micro_step: u64,
+    pub text_cursor: Cursor,
+    pub paired_cursor: Cursor,
+}
+
 /// An endless, epoch-shuffled stream over `len` examples.
 pub struct Sampler {
     len: usize,

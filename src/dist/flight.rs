@@ -2,10 +2,11 @@
 //! bytes, start and end), so that when a job fails every live rank can say what it was doing and
 //! which collective never completed (the role of PyTorch's NCCL flight recorder).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -59,6 +60,23 @@ pub fn finish(error: Option<String>) {
         last.end_ms = Some(now_ms());
         last.error = error;
     }
+}
+
+/// Runs the collective `name` of `bytes` bytes in the record (started now, finished with its
+/// error), adding its wall time to `busy`: what every backend's collective does around its
+/// transfer.
+pub fn record<T>(
+    name: &'static str,
+    bytes: usize,
+    busy: &Cell<Duration>,
+    collective: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let started = Instant::now();
+    start(name, bytes);
+    let result = collective();
+    finish(result.as_ref().err().map(|e| format!("{e:#}")));
+    busy.set(busy.get() + started.elapsed());
+    result
 }
 
 /// The recorded collectives, oldest first.

@@ -8,6 +8,7 @@
 //! development, tests and CPU boxes, and `nccl::NcclCommunicator` (the `cuda` feature), the
 //! engine for real GPU runs, chosen when the trainer's device is a GPU.
 
+pub mod contract;
 pub mod flight;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -21,6 +22,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
+
+use contract::env;
 
 /// All-gather, all-reduce (sum), broadcast and barrier over the ranks of one training job.
 /// Every rank calls each collective in the same order with tensors of the same shape.
@@ -69,6 +72,20 @@ impl Communicator for SingleProcess {
     }
 }
 
+/// The elementwise sums over ranks of several tensors, in one all-reduce of their flattened
+/// concatenation (one large message instead of one per tensor).
+pub fn all_reduce_together(comm: &dyn Communicator, tensors: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let flat = tensors.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+    let mut offset = 0;
+    let mut out = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        out.push(summed.narrow(0, offset, t.elem_count())?.reshape(t.shape())?);
+        offset += t.elem_count();
+    }
+    Ok(out)
+}
+
 /// This rank's rows of the gradients with respect to a pool gathered from every rank (rank `r`
 /// owning rows `r * rows .. (r + 1) * rows` of each tensor). Each rank's loss rows reach every
 /// column of the pool, so the gradient of the global loss with respect to a column is the sum of
@@ -79,18 +96,12 @@ pub fn own_rows_of_pool_grads(
     rows: usize,
 ) -> Result<Vec<Tensor>> {
     let start = comm.rank() * rows;
-    if comm.world_size() == 1 {
-        return pool_grads.iter().map(|g| Ok(g.narrow(0, start, rows)?)).collect();
-    }
-    let flat = pool_grads.iter().map(|g| g.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
-    let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
-    let mut offset = 0;
-    let mut out = Vec::with_capacity(pool_grads.len());
-    for g in pool_grads {
-        out.push(summed.narrow(0, offset, g.elem_count())?.reshape(g.shape())?.narrow(0, start, rows)?);
-        offset += g.elem_count();
-    }
-    Ok(out)
+    let summed = if comm.world_size() == 1 {
+        pool_grads.to_vec()
+    } else {
+        all_reduce_together(comm, &pool_grads.iter().collect::<Vec<_>>())?
+    };
+    summed.iter().map(|g| Ok(g.narrow(0, start, rows)?)).collect()
 }
 
 /// Elements per all-reduce bucket (PyTorch DDP's 25 MB of f32).
@@ -103,36 +114,24 @@ pub fn all_reduce_grads(comm: &dyn Communicator, grads: Vec<Option<Tensor>>) -> 
         return Ok(grads);
     }
     let mut out: Vec<Option<Tensor>> = vec![None; grads.len()];
-    let present: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
-    let mut bucket: Vec<usize> = Vec::new();
-    let mut size = 0;
-    let flush = |bucket: &mut Vec<usize>, out: &mut Vec<Option<Tensor>>| -> Result<()> {
-        if bucket.is_empty() {
-            return Ok(());
+    let present: Vec<(usize, &Tensor)> =
+        grads.iter().enumerate().filter_map(|(i, g)| Some((i, g.as_ref()?))).collect();
+    let mut start = 0;
+    while start < present.len() {
+        // A bucket closes with the tensor that takes it to BUCKET_ELEMENTS.
+        let mut end = start;
+        let mut size = 0;
+        while end < present.len() && size < BUCKET_ELEMENTS {
+            size += present[end].1.elem_count();
+            end += 1;
         }
-        let flat: Vec<Tensor> = bucket
-            .iter()
-            .map(|&i| grads[i].as_ref().expect("present").flatten_all())
-            .collect::<candle_core::Result<_>>()?;
-        let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
-        let mut offset = 0;
-        for &i in bucket.iter() {
-            let g = grads[i].as_ref().expect("present");
-            out[i] = Some(summed.narrow(0, offset, g.elem_count())?.reshape(g.shape())?);
-            offset += g.elem_count();
+        let bucket = &present[start..end];
+        let summed = all_reduce_together(comm, &bucket.iter().map(|(_, g)| *g).collect::<Vec<_>>())?;
+        for ((i, _), sum) in bucket.iter().zip(summed) {
+            out[*i] = Some(sum);
         }
-        bucket.clear();
-        Ok(())
-    };
-    for i in present {
-        bucket.push(i);
-        size += grads[i].as_ref().expect("present").elem_count();
-        if size >= BUCKET_ELEMENTS {
-            flush(&mut bucket, &mut out)?;
-            size = 0;
-        }
+        start = end;
     }
-    flush(&mut bucket, &mut out)?;
     Ok(out)
 }
 
@@ -163,7 +162,8 @@ fn env_usize(name: &str) -> Result<Option<usize>> {
 
 /// How long rendezvous and every collective may wait (`KDMCSE_TIMEOUT` seconds, default 600).
 pub fn timeout_from_env() -> Result<Duration> {
-    Ok(Duration::from_secs(env_usize("KDMCSE_TIMEOUT")?.unwrap_or(600) as u64))
+    let seconds = env_usize(env::TIMEOUT)?.map_or(contract::DEFAULT_TIMEOUT_S, |s| s as u64);
+    Ok(Duration::from_secs(seconds))
 }
 
 /// When a GPU job builds an NCCL communicator.
@@ -178,20 +178,19 @@ pub enum Nccl {
 
 /// Where the rendezvous store is and which keys belong to this worker group.
 struct Rendezvous {
-    /// Keys are `{prefix}/...`: `{run id}/r{round}` under `kdmcse-launch`, so that a group never
-    /// meets the keys of an earlier round or another run.
-    prefix: String,
+    keys: contract::RoundKeys,
     round: u64,
     /// Whether this process hosts the store: rank 0 when no launcher does.
     host_store: bool,
 }
 
 fn rendezvous_from_env(rank: usize) -> Result<Rendezvous> {
-    match (std::env::var("KDMCSE_RUN_ID"), env_usize("KDMCSE_ROUND")?) {
+    match (std::env::var(env::RUN_ID), env_usize(env::ROUND)?) {
         (Ok(run), Some(round)) => {
-            Ok(Rendezvous { prefix: format!("{run}/r{round}"), round: round as u64, host_store: false })
+            let round = round as u64;
+            Ok(Rendezvous { keys: contract::RoundKeys::new(&run, round), round, host_store: false })
         }
-        _ => Ok(Rendezvous { prefix: "kdmcse".into(), round: 0, host_store: rank == 0 }),
+        _ => Ok(Rendezvous { keys: contract::RoundKeys::unlaunched(), round: 0, host_store: rank == 0 }),
     }
 }
 
@@ -205,18 +204,18 @@ pub fn init_from_env(
     nccl: Nccl,
     liveness: watchdog::Liveness,
 ) -> Result<ProcessGroup> {
-    let Some(world_size) = env_usize("WORLD_SIZE")? else {
+    let Some(world_size) = env_usize(env::WORLD_SIZE)? else {
         return Ok(ProcessGroup::single());
     };
     if world_size == 0 {
         anyhow::bail!("WORLD_SIZE=0: a job needs at least one rank");
     }
-    let rank = env_usize("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
+    let rank = env_usize(env::RANK)?.context("WORLD_SIZE is set but RANK is not")?;
     if rank >= world_size {
         anyhow::bail!("RANK={rank} is not below WORLD_SIZE={world_size}");
     }
-    let master = std::env::var("MASTER_ADDR").context("WORLD_SIZE is set but MASTER_ADDR is not")?;
-    let port = env_usize("MASTER_PORT")?.context("WORLD_SIZE is set but MASTER_PORT is not")?;
+    let master = std::env::var(env::MASTER_ADDR).context("WORLD_SIZE is set but MASTER_ADDR is not")?;
+    let port = env_usize(env::MASTER_PORT)?.context("WORLD_SIZE is set but MASTER_PORT is not")?;
     let timeout = timeout_from_env()?;
     let rdzv = rendezvous_from_env(rank)?;
     let server =
@@ -226,25 +225,18 @@ pub fn init_from_env(
         .with_context(|| format!("rank {rank}: cannot join the job"))?;
     let ip = advertise_ip(&master_addr)?;
     let abort = Arc::new(watchdog::Abort::default());
-    let tcp = tcp::TcpCommunicator::connect(
-        &mut client,
-        rank,
-        world_size,
-        &ip,
-        &rdzv.prefix,
-        timeout,
-        abort.clone(),
-    )
-    .with_context(|| format!("rank {rank}: collectives setup failed"))?;
+    let tcp =
+        tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, &rdzv.keys, timeout, abort.clone())
+            .with_context(|| format!("rank {rank}: collectives setup failed"))?;
     let use_nccl = !device.is_cpu() && (world_size > 1 || nccl == Nccl::Always);
     let comm: Box<dyn Communicator> = if use_nccl {
-        gpu_communicator(&mut client, &rdzv.prefix, tcp, device, timeout, &abort)?
+        gpu_communicator(&mut client, &rdzv.keys, tcp, device, timeout, &abort)?
     } else {
         Box::new(tcp)
     };
     let watchdog = (world_size > 1)
         .then(|| {
-            watchdog::Watchdog::start(&master_addr, &rdzv.prefix, rank, world_size, liveness, abort.clone())
+            watchdog::Watchdog::start(&master_addr, &rdzv.keys, rank, world_size, liveness, abort.clone())
         })
         .transpose()?;
     let backend = if use_nccl { "NCCL" } else { "TCP" };
@@ -262,19 +254,19 @@ pub fn init_from_env(
 #[cfg(feature = "cuda")]
 fn gpu_communicator(
     client: &mut store::StoreClient,
-    prefix: &str,
+    keys: &contract::RoundKeys,
     tcp: tcp::TcpCommunicator,
     device: &candle_core::Device,
     timeout: Duration,
     abort: &Arc<watchdog::Abort>,
 ) -> Result<Box<dyn Communicator>> {
-    Ok(Box::new(nccl::NcclCommunicator::connect(client, prefix, tcp, device, timeout, abort)?))
+    Ok(Box::new(nccl::NcclCommunicator::connect(client, keys, tcp, device, timeout, abort)?))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_communicator(
     _: &mut store::StoreClient,
-    _: &str,
+    _: &contract::RoundKeys,
     _: tcp::TcpCommunicator,
     device: &candle_core::Device,
     _: Duration,

@@ -5,13 +5,14 @@
 
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
+use super::contract::RoundKeys;
 use super::store::StoreClient;
 use super::tcp::TcpCommunicator;
 use super::watchdog::Abort;
@@ -44,7 +45,7 @@ impl NcclCommunicator {
     /// its stream); `control` carries byte messages; `abort` aborts the communicator.
     pub fn connect(
         store: &mut StoreClient,
-        prefix: &str,
+        keys: &RoundKeys,
         control: TcpCommunicator,
         device: &Device,
         timeout: Duration,
@@ -52,7 +53,7 @@ impl NcclCommunicator {
     ) -> Result<Self> {
         let (rank, world_size) = (control.rank(), control.world_size());
         let cuda = device.as_cuda_device().context("the NCCL backend needs a CUDA device")?;
-        let key = format!("{prefix}/nccl-id");
+        let key = keys.nccl_id();
         let id = if rank == 0 {
             let id = Id::new().map_err(nccl_error)?;
             let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
@@ -83,22 +84,18 @@ impl NcclCommunicator {
     /// the tensor's own device and dtype. The lock is held while NCCL enqueues the collective, not
     /// while the stream waits for it, so an abort can always take the communicator.
     fn run(&self, name: &'static str, tensor: &Tensor, collective: Collective) -> Result<Tensor> {
-        let started = Instant::now();
-        let input = tensor.to_device(&self.device)?.to_dtype(DType::F32)?.contiguous()?;
-        super::flight::start(name, input.elem_count() * 4);
-        let out = {
-            let comm = self.comm.0.lock().expect("nccl lock");
-            let Some(comm) = comm.as_ref() else {
-                let verdict = self.abort.verdict().unwrap_or("aborted");
-                super::flight::finish(Some(verdict.to_owned()));
-                anyhow::bail!("{verdict}; NCCL {name} at step {} refused", super::flight::step());
+        super::flight::record(name, tensor.elem_count() * 4, &self.busy, || {
+            let input = tensor.to_device(&self.device)?.to_dtype(DType::F32)?.contiguous()?;
+            let out = {
+                let comm = self.comm.0.lock().expect("nccl lock");
+                let Some(comm) = comm.as_ref() else {
+                    let verdict = self.abort.verdict().unwrap_or("aborted");
+                    anyhow::bail!("{verdict}; NCCL {name} at step {} refused", super::flight::step());
+                };
+                input.apply_op1_no_bwd(&NcclOp { comm, collective })?
             };
-            input.apply_op1_no_bwd(&NcclOp { comm, collective })
-        };
-        super::flight::finish(out.as_ref().err().map(|e| e.to_string()));
-        let out = out?.to_dtype(tensor.dtype())?.to_device(tensor.device())?;
-        self.busy.set(self.busy.get() + started.elapsed());
-        Ok(out)
+            Ok(out.to_dtype(tensor.dtype())?.to_device(tensor.device())?)
+        })
     }
 }
 

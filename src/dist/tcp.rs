@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+use super::contract::RoundKeys;
 use super::store::StoreClient;
 use super::watchdog::Abort;
 use super::{flight, Communicator};
@@ -32,8 +33,8 @@ pub struct TcpCommunicator {
 }
 
 impl TcpCommunicator {
-    /// Builds the mesh: listens on `bind_ip`, publishes `advertise_ip:port` as `tcp/<rank>` in the
-    /// store, connects to lower ranks and accepts the higher ones. `timeout` bounds the rendezvous
+    /// Builds the mesh: listens on `bind_ip`, publishes `advertise_ip:port` as this rank's TCP
+    /// address of `keys` in the store, connects to lower ranks and accepts the higher ones. `timeout` bounds the rendezvous
     /// and every later receive; `abort` closes the mesh (every blocked collective then fails with
     /// its verdict).
     pub fn connect(
@@ -41,7 +42,7 @@ impl TcpCommunicator {
         rank: usize,
         world_size: usize,
         advertise_ip: &str,
-        generation: &str,
+        keys: &RoundKeys,
         timeout: Duration,
         abort: Arc<Abort>,
     ) -> Result<Self> {
@@ -49,9 +50,8 @@ impl TcpCommunicator {
             .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
             .context("collectives: cannot open a listening socket")?;
         let port = listener.local_addr()?.port();
-        store.set(&format!("{generation}/tcp/{rank}"), format!("{advertise_ip}:{port}").as_bytes())?;
-        let keys: Vec<(usize, String)> =
-            (0..world_size).map(|r| (r, format!("{generation}/tcp/{r}"))).collect();
+        store.set(&keys.tcp_address(rank), format!("{advertise_ip}:{port}").as_bytes())?;
+        let keys: Vec<(usize, String)> = (0..world_size).map(|r| (r, keys.tcp_address(r))).collect();
         let addrs = store.wait_all("the collective addresses of every rank", &keys, timeout)?;
         let mut peers: Vec<Option<TcpStream>> = (0..world_size).map(|_| None).collect();
         let deadline = Instant::now() + timeout;
@@ -91,19 +91,16 @@ impl TcpCommunicator {
     /// Every rank's buffer, in rank order; recorded in the flight recorder as `name`. Once the
     /// mesh is aborted every collective fails with the abort's verdict.
     fn exchange(&self, name: &'static str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let started = Instant::now();
-        flight::start(name, data.len());
-        let result = match self.abort.verdict() {
-            Some(verdict) => Err(anyhow::anyhow!("{verdict}")),
-            None => self.exchange_untimed(data),
-        };
-        let result = result.map_err(|err| match self.abort.verdict() {
-            Some(verdict) => anyhow::anyhow!("{verdict}; {name} at step {} aborted", flight::step()),
-            None => err.context(format!("{name} at step {}", flight::step())),
-        });
-        flight::finish(result.as_ref().err().map(|e| format!("{e:#}")));
-        self.busy.set(self.busy.get() + started.elapsed());
-        result
+        flight::record(name, data.len(), &self.busy, || {
+            let result = match self.abort.verdict() {
+                Some(verdict) => Err(anyhow::anyhow!("{verdict}")),
+                None => self.exchange_untimed(data),
+            };
+            result.map_err(|err| match self.abort.verdict() {
+                Some(verdict) => anyhow::anyhow!("{verdict}; {name} at step {} aborted", flight::step()),
+                None => err.context(format!("{name} at step {}", flight::step())),
+            })
+        })
     }
 
     fn exchange_untimed(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {

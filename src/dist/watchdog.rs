@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use super::contract::RoundKeys;
 use super::store::StoreClient;
 
 /// Heartbeat settings (`[dist]` in the training config).
@@ -69,12 +70,12 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts beating `{prefix}/hb/{rank}` and watching the other ranks' keys. A lost peer (or a
-    /// store unreachable for `peer_timeout`) aborts through `abort` and is recorded under
-    /// `{prefix}/lost`, where the launchers read it.
+    /// Starts beating this rank's heartbeat key of `keys` and watching the other ranks'. A lost
+    /// peer (or a store unreachable for `peer_timeout`) aborts through `abort` and is recorded
+    /// under the round's `lost` key, where the launchers read it.
     pub fn start(
         store_addr: &str,
-        prefix: &str,
+        keys: &RoundKeys,
         rank: usize,
         world_size: usize,
         liveness: Liveness,
@@ -85,7 +86,7 @@ impl Watchdog {
         let beat = Beat {
             client,
             store_addr: store_addr.to_owned(),
-            prefix: prefix.to_owned(),
+            keys: keys.clone(),
             rank,
             world_size,
             liveness,
@@ -110,7 +111,7 @@ impl Drop for Watchdog {
 struct Beat {
     client: StoreClient,
     store_addr: String,
-    prefix: String,
+    keys: RoundKeys,
     rank: usize,
     world_size: usize,
     liveness: Liveness,
@@ -124,10 +125,6 @@ enum Peer {
 }
 
 impl Beat {
-    fn key(&self, rank: usize) -> String {
-        format!("{}/hb/{rank}", self.prefix)
-    }
-
     fn run(mut self, stop: &AtomicBool, abort: &Abort) {
         let started = Instant::now();
         let mut peers: Vec<Peer> = (0..self.world_size).map(|_| Peer::Beating(Vec::new(), started)).collect();
@@ -150,19 +147,19 @@ impl Beat {
             }
             if let Some(verdict) = self.lost_peer(&peers) {
                 tracing::error!("{verdict}");
-                let _ = self.client.set(&format!("{}/lost", self.prefix), verdict.as_bytes());
+                let _ = self.client.set(&self.keys.lost(), verdict.as_bytes());
                 return abort.abort(verdict);
             }
             sleep_unless(stop, self.liveness.heartbeat);
         }
-        let _ = self.client.set(&self.key(self.rank), DONE);
+        let _ = self.client.set(&self.keys.heartbeat(self.rank), DONE);
     }
 
     fn beat_and_look(&mut self, count: u64, peers: &mut [Peer]) -> Result<()> {
-        self.client.set(&self.key(self.rank), &count.to_le_bytes())?;
+        self.client.set(&self.keys.heartbeat(self.rank), &count.to_le_bytes())?;
         for (rank, peer) in peers.iter_mut().enumerate() {
             let Peer::Beating(last, _) = peer else { continue };
-            match self.client.check(&self.key(rank))? {
+            match self.client.check(&self.keys.heartbeat(rank))? {
                 Some(value) if value == DONE => *peer = Peer::Done,
                 Some(value) if value != *last => *peer = Peer::Beating(value, Instant::now()),
                 _ => {}
@@ -229,8 +226,11 @@ mod tests {
         let flag = Arc::clone(&fired);
         abort.on_abort(Box::new(move || flag.store(true, Ordering::SeqCst)));
         // Ranks 0 (this test's watcher), 1 (beats, then finishes) and 2 (never beats).
-        let watcher = Watchdog::start(&addr, "job/r0", 0, 3, fast(), Arc::clone(&abort)).unwrap();
-        let finished = Watchdog::start(&addr, "job/r0", 1, 3, fast(), Arc::new(Abort::default())).unwrap();
+        let watcher =
+            Watchdog::start(&addr, &RoundKeys::new("job", 0), 0, 3, fast(), Arc::clone(&abort)).unwrap();
+        let finished =
+            Watchdog::start(&addr, &RoundKeys::new("job", 0), 1, 3, fast(), Arc::new(Abort::default()))
+                .unwrap();
         std::thread::sleep(Duration::from_millis(150));
         drop(finished);
         let started = Instant::now();
@@ -241,8 +241,8 @@ mod tests {
         assert!(verdict.starts_with("rank 2 was lost: no heartbeat for"), "{verdict}");
         assert!(fired.load(Ordering::SeqCst), "the abort actions ran");
         let mut client = StoreClient::connect(&addr, Duration::from_secs(1)).unwrap();
-        assert_eq!(client.check("job/r0/lost").unwrap(), Some(verdict.into_bytes()));
-        assert_eq!(client.check("job/r0/hb/1").unwrap(), Some(DONE.to_vec()));
+        assert_eq!(client.check(&RoundKeys::new("job", 0).lost()).unwrap(), Some(verdict.into_bytes()));
+        assert_eq!(client.check(&RoundKeys::new("job", 0).heartbeat(1)).unwrap(), Some(DONE.to_vec()));
         drop(watcher);
     }
 
@@ -252,7 +252,10 @@ mod tests {
         let addr = server.addr.to_string();
         let aborts: Vec<Arc<Abort>> = (0..2).map(|_| Arc::new(Abort::default())).collect();
         let dogs: Vec<Watchdog> = (0..2)
-            .map(|r| Watchdog::start(&addr, "job/r1", r, 2, fast(), Arc::clone(&aborts[r])).unwrap())
+            .map(|r| {
+                Watchdog::start(&addr, &RoundKeys::new("job", 1), r, 2, fast(), Arc::clone(&aborts[r]))
+                    .unwrap()
+            })
             .collect();
         std::thread::sleep(Duration::from_millis(1200));
         assert!(aborts.iter().all(|a| a.verdict().is_none()));

@@ -80,47 +80,8 @@ pub struct ClipTeacher {
 
 impl ClipTeacher {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("cannot read CLIP config {}", config_path.display()))?;
-        let hf: HfClipConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a Hugging Face CLIPModel config", config_path.display()))?;
-        for act in [&hf.text_config.hidden_act, &hf.vision_config.hidden_act] {
-            if act != "quick_gelu" {
-                bail!(
-                    "{}: hidden_act {act:?} is not supported (CLIP uses quick_gelu)",
-                    config_path.display()
-                );
-            }
-        }
-        let t = &hf.text_config;
-        let v = &hf.vision_config;
-        let config = clip::ClipConfig {
-            text_config: clip::text_model::ClipTextConfig {
-                vocab_size: t.vocab_size,
-                embed_dim: t.hidden_size,
-                activation: Activation::QuickGelu,
-                intermediate_size: t.intermediate_size,
-                max_position_embeddings: t.max_position_embeddings,
-                pad_with: None,
-                num_hidden_layers: t.num_hidden_layers,
-                num_attention_heads: t.num_attention_heads,
-                projection_dim: hf.projection_dim,
-            },
-            vision_config: clip::vision_model::ClipVisionConfig {
-                embed_dim: v.hidden_size,
-                activation: Activation::QuickGelu,
-                intermediate_size: v.intermediate_size,
-                num_hidden_layers: v.num_hidden_layers,
-                num_attention_heads: v.num_attention_heads,
-                projection_dim: hf.projection_dim,
-                num_channels: v.num_channels,
-                image_size: v.image_size,
-                patch_size: v.patch_size,
-            },
-            logit_scale_init_value: hf.logit_scale_init_value,
-            image_size: v.image_size,
-        };
+        let hf = HfClipConfig::read(dir)?;
+        let (t, v) = (&hf.text_config, &hf.vision_config);
         let weights = dir.join("model.safetensors");
         if !weights.is_file() {
             bail!("no weights in {}: expected model.safetensors", dir.display());
@@ -133,25 +94,15 @@ impl ClipTeacher {
         if !vb.contains_tensor(class_embedding) {
             bail!("{}: no tensor {class_embedding}", weights.display());
         }
-        let model = ClipModel::new(vb, &config)
+        let model = ClipModel::new(vb, &hf.candle_config())
             .with_context(|| format!("{}: weights do not fit config.json", dir.display()))?;
-        let tokenizer_path = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", tokenizer_path.display()))?;
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: t.max_position_embeddings,
-                ..Default::default()
-            }))
-            .map_err(|e| anyhow!("{e}"))?;
         let preprocessor: Preprocessor = match std::fs::read_to_string(dir.join("preprocessor_config.json")) {
             Ok(text) => serde_json::from_str(&text).context("unreadable preprocessor_config.json")?,
             Err(_) => Preprocessor::default(),
         };
         Ok(Self {
             model,
-            tokenizer,
+            tokenizer: load_tokenizer(dir, t.max_position_embeddings)?,
             image_size: v.image_size,
             mean: preprocessor.image_mean.unwrap_or(CLIP_MEAN),
             std: preprocessor.image_std.unwrap_or(CLIP_STD),
@@ -207,4 +158,67 @@ impl ClipTeacher {
         }
         Ok(Tensor::from_vec(data, (3, size as usize, size as usize), &self.device)?)
     }
+}
+
+impl HfClipConfig {
+    /// `dir/config.json`, which must be a CLIPModel's with quick_gelu (candle's CLIP has no other).
+    fn read(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read CLIP config {}", config_path.display()))?;
+        let hf: HfClipConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a Hugging Face CLIPModel config", config_path.display()))?;
+        for act in [&hf.text_config.hidden_act, &hf.vision_config.hidden_act] {
+            if act != "quick_gelu" {
+                bail!(
+                    "{}: hidden_act {act:?} is not supported (CLIP uses quick_gelu)",
+                    config_path.display()
+                );
+            }
+        }
+        Ok(hf)
+    }
+
+    /// candle's config of the same model.
+    fn candle_config(&self) -> clip::ClipConfig {
+        let (t, v) = (&self.text_config, &self.vision_config);
+        clip::ClipConfig {
+            text_config: clip::text_model::ClipTextConfig {
+                vocab_size: t.vocab_size,
+                embed_dim: t.hidden_size,
+                activation: Activation::QuickGelu,
+                intermediate_size: t.intermediate_size,
+                max_position_embeddings: t.max_position_embeddings,
+                pad_with: None,
+                num_hidden_layers: t.num_hidden_layers,
+                num_attention_heads: t.num_attention_heads,
+                projection_dim: self.projection_dim,
+            },
+            vision_config: clip::vision_model::ClipVisionConfig {
+                embed_dim: v.hidden_size,
+                activation: Activation::QuickGelu,
+                intermediate_size: v.intermediate_size,
+                num_hidden_layers: v.num_hidden_layers,
+                num_attention_heads: v.num_attention_heads,
+                projection_dim: self.projection_dim,
+                num_channels: v.num_channels,
+                image_size: v.image_size,
+                patch_size: v.patch_size,
+            },
+            logit_scale_init_value: self.logit_scale_init_value,
+            image_size: v.image_size,
+        }
+    }
+}
+
+/// `dir/tokenizer.json`, unpadded, cutting captions to the `max_len` positions CLIP has.
+fn load_tokenizer(dir: &Path, max_len: usize) -> Result<tokenizers::Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(tokenizer)
 }

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod dropout;
 pub mod heads;
 pub mod packing;
+pub mod pooling;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,48 +16,7 @@ use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 
 pub use bert::{BertModel, Config};
-
-/// How token states become one sentence vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pooling {
-    /// The first token's last hidden state (SimCSE's `cls_before_pooler`).
-    Cls,
-    /// The attention-masked mean of the last hidden states.
-    Avg,
-}
-
-impl Pooling {
-    pub fn pool(self, hidden: &Tensor, attention_mask: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Pooling::Cls => bert::cls_pool(hidden),
-            Pooling::Avg => bert::mean_pool(hidden, attention_mask),
-        }
-    }
-
-    /// The gradient of the hidden states `[batch, hidden_len, hidden]` (all positions, or the
-    /// first only where CLS pooling ran the last layer for it alone) from the pooled vectors'.
-    pub fn backward(
-        self,
-        grad: &Tensor,
-        attention_mask: &Tensor,
-        hidden_len: usize,
-    ) -> candle_core::Result<Tensor> {
-        let (batch, hidden) = grad.dims2()?;
-        let first = grad.unsqueeze(1)?;
-        match self {
-            Pooling::Cls if hidden_len == 1 => Ok(first),
-            Pooling::Cls => {
-                let rest = Tensor::zeros((batch, hidden_len - 1, hidden), grad.dtype(), grad.device())?;
-                Tensor::cat(&[first, rest], 1)
-            }
-            Pooling::Avg => {
-                let mask = attention_mask.to_dtype(grad.dtype())?.unsqueeze(2)?;
-                first.broadcast_div(&mask.sum(1)?.unsqueeze(1)?)?.broadcast_mul(&mask)
-            }
-        }
-    }
-}
+pub use pooling::Pooling;
 
 /// Reads `DIR/config.json`; an architecture other than BERT/RoBERTa is an error naming the file.
 pub fn load_config(dir: &Path) -> anyhow::Result<Config> {

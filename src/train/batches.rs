@@ -4,11 +4,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::config::StepsPerEpoch;
-use super::TrainConfig;
-use crate::data::{sampler, Cursor, Encoded, PairedCorpus, Sampler, TextCorpus, TokenBatch, Tokenizer};
+use crate::config::{StepsPerEpoch, TrainConfig};
+use crate::data::{sampler, DataPosition, Encoded, PairedCorpus, Sampler, TextCorpus, TokenBatch, Tokenizer};
 use crate::model::dropout::{example_key, Dropout};
 
 /// Paired examples take dropout keys from here on, apart from the text examples' (0..).
@@ -16,15 +15,6 @@ const PAIRED_KEY_BASE: u64 = 1 << 40;
 /// Sampler streams: one seed draws the orders of both corpora, apart.
 const TEXT_STREAM: u64 = 0;
 const PAIRED_STREAM: u64 = 1;
-
-/// Where the data streams stand; saved with every checkpoint (inside the trainer state).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-pub struct DataPosition {
-    /// Micro-batches taken (`step * grad_accum`); decides text vs paired batches and dropout.
-    pub micro_step: u64,
-    pub text_cursor: Cursor,
-    pub paired_cursor: Cursor,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

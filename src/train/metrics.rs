@@ -2,19 +2,20 @@
 //! scalars in a TensorBoard event file beside it, and progress (a bar on a terminal, log lines
 //! elsewhere).
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use serde::Serialize;
 
 use super::batches::BatchKind;
-use super::TrainConfig;
 use crate::checkpoint::{is_remote, CheckpointStore};
+use crate::config::TrainConfig;
 use crate::dist::Communicator;
-use crate::loss::{scalar, LossTerms};
+use crate::loss::{combine, Reported};
 use crate::tensorboard::EventWriter;
 
 /// One step's numbers, as written to the metrics file.
@@ -22,12 +23,11 @@ use crate::tensorboard::EventWriter;
 pub struct StepMetrics {
     pub step: u64,
     pub kind: BatchKind,
-    pub loss: f64,
-    pub loss_text: f64,
-    pub loss_grounding: Option<f64>,
+    /// What the objective reports (`loss`, its terms, ...; see `loss::LossTerms::reported`).
+    #[serde(flatten)]
+    pub reported: BTreeMap<&'static str, f64>,
     pub lr: f64,
     pub grad_norm: f64,
-    pub masked_negatives: usize,
     pub sentences_per_s: f64,
     pub step_s: f64,
     /// Seconds of the step spent in collectives (gathers, gradient all-reduce).
@@ -46,73 +46,52 @@ pub struct Phases {
     pub update_s: f64,
 }
 
-/// The loss terms of one pool: each rank computed those of its own rows; these are the global
-/// loss's (the mean over ranks, summed in rank order so every rank holds the same numbers).
-pub struct PoolLoss {
-    pub total: f64,
-    pub text: f64,
-    pub grounding: Option<f64>,
-    pub masked_negatives: usize,
-}
-
-impl PoolLoss {
-    pub fn mean_over_ranks(comm: &dyn Communicator, terms: &LossTerms) -> Result<Self> {
-        let grounding = terms.grounding.as_ref().map(scalar).transpose()?;
-        let mine = [
-            scalar(&terms.total)?,
-            scalar(&terms.text)?,
-            grounding.unwrap_or(0.0),
-            terms.masked_negatives as f64,
-        ];
-        let mut sum = [0f64; 4];
-        for bytes in comm.all_gather_bytes(&mine.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>())? {
-            for (s, word) in sum.iter_mut().zip(bytes.chunks_exact(8)) {
-                *s += f64::from_le_bytes(word.try_into().expect("8 bytes"));
-            }
+/// The global loss's numbers from each rank's (those of its own rows): combined in rank order,
+/// so every rank holds the same ones.
+pub fn over_ranks(comm: &dyn Communicator, mine: &[Reported]) -> Result<Vec<Reported>> {
+    let bytes: Vec<u8> = mine.iter().flat_map(|r| r.value.to_le_bytes()).collect();
+    let mut ranks = Vec::with_capacity(comm.world_size());
+    for (rank, theirs) in comm.all_gather_bytes(&bytes)?.into_iter().enumerate() {
+        if theirs.len() != bytes.len() {
+            bail!("rank {rank} reports {} loss numbers, this rank {}", theirs.len() / 8, mine.len());
         }
-        let world = comm.world_size() as f64;
-        Ok(Self {
-            total: sum[0] / world,
-            text: sum[1] / world,
-            grounding: grounding.map(|_| sum[2] / world),
-            masked_negatives: sum[3] as usize,
-        })
+        let values = theirs.chunks_exact(8).map(|w| f64::from_le_bytes(w.try_into().expect("8 bytes")));
+        ranks.push(mine.iter().zip(values).map(|(r, value)| Reported { value, ..*r }).collect());
     }
+    Ok(combine(&ranks))
 }
 
 /// The loss side of one micro-step.
 #[derive(Debug, Clone)]
 pub struct MicroMetrics {
     pub kind: BatchKind,
-    pub loss: f64,
-    pub loss_text: f64,
-    pub loss_grounding: Option<f64>,
-    pub masked_negatives: usize,
+    pub reported: Vec<Reported>,
     pub forward_s: f64,
     pub backward_s: f64,
 }
 
 impl StepMetrics {
-    /// The step's record from its micro-steps: with accumulation, the mean of their losses (the
-    /// kind is the first's). Timings and the update's numbers are filled in by the caller.
+    /// The step's record from its micro-steps: with accumulation, their numbers combined (losses
+    /// averaged; the kind is the first's). Timings and the update's numbers are filled in by the
+    /// caller.
     pub fn from_micro(step: u64, micro: &[MicroMetrics]) -> Self {
-        let n = micro.len() as f64;
-        let grounding: Vec<f64> = micro.iter().filter_map(|m| m.loss_grounding).collect();
+        let reported = micro.iter().map(|m| m.reported.clone()).collect::<Vec<_>>();
         Self {
             step,
             kind: micro[0].kind,
-            loss: micro.iter().map(|m| m.loss).sum::<f64>() / n,
-            loss_text: micro.iter().map(|m| m.loss_text).sum::<f64>() / n,
-            loss_grounding: (!grounding.is_empty())
-                .then(|| grounding.iter().sum::<f64>() / grounding.len() as f64),
+            reported: combine(&reported).into_iter().map(|r| (r.name, r.value)).collect(),
             lr: 0.0,
             grad_norm: 0.0,
-            masked_negatives: micro.iter().map(|m| m.masked_negatives).sum(),
             sentences_per_s: 0.0,
             step_s: 0.0,
             comm_s: 0.0,
             phases: None,
         }
+    }
+
+    /// The step's loss (the objective's total).
+    pub fn loss(&self) -> f64 {
+        self.reported.get("loss").copied().unwrap_or(f64::NAN)
     }
 }
 
@@ -205,15 +184,15 @@ impl MetricsLog {
     /// One step's record.
     pub fn step(&mut self, m: &StepMetrics) -> Result<()> {
         self.write(m)?;
-        let mut scalars = vec![
-            ("train/loss", m.loss),
-            ("train/loss_text", m.loss_text),
-            ("train/lr", m.lr),
-            ("train/grad_norm", m.grad_norm),
-            ("train/sentences_per_s", m.sentences_per_s),
-            ("train/comm_share", m.comm_s / m.step_s.max(f64::MIN_POSITIVE)),
-        ];
-        scalars.extend(m.loss_grounding.map(|g| ("train/loss_grounding", g)));
+        let mut scalars: Vec<(String, f64)> =
+            m.reported.iter().map(|(name, value)| (format!("train/{name}"), *value)).collect();
+        scalars.extend([
+            ("train/lr".into(), m.lr),
+            ("train/grad_norm".into(), m.grad_norm),
+            ("train/sentences_per_s".into(), m.sentences_per_s),
+            ("train/comm_share".into(), m.comm_s / m.step_s.max(f64::MIN_POSITIVE)),
+        ]);
+        let scalars: Vec<(&str, f64)> = scalars.iter().map(|(tag, v)| (tag.as_str(), *v)).collect();
         self.scalars(m.step, &scalars)
     }
 
@@ -281,7 +260,7 @@ impl Progress {
         match self {
             Self::Bar(bar) => {
                 bar.set_position(m.step);
-                bar.set_message(format!("loss {:.4} lr {:.2e}{dev}", m.loss, m.lr));
+                bar.set_message(format!("loss {:.4} lr {:.2e}{dev}", m.loss(), m.lr));
             }
             Self::Lines { every, last, started, start_step, total } => {
                 let due =
@@ -296,7 +275,7 @@ impl Progress {
                     "step {}/{} loss {:.4} lr {:.2e} {:.1} sentences/s, {:.0}% in collectives, eta {}{dev}",
                     m.step,
                     total,
-                    m.loss,
+                    m.loss(),
                     m.lr,
                     m.sentences_per_s,
                     100.0 * m.comm_s / m.step_s.max(f64::MIN_POSITIVE),

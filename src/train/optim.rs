@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
-use super::config::Optimizer;
+use crate::config::Optimizer;
 use crate::ops::{AdamUpdate, Lerp};
 
 #[derive(Debug, Clone, Copy)]

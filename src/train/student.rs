@@ -2,7 +2,7 @@
 //! variables, its seeded head initialisation, and the forward of a two-view batch to the
 //! embeddings the objective reads.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -12,8 +12,8 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 
 use super::batches::TwoViewBatch;
-use super::config::HeadInit;
 use crate::checkpoint::layout::{ENCODER_PREFIX, HEADS_PREFIX};
+use crate::config::HeadInit;
 use crate::model::bert::EncoderTape;
 use crate::model::heads::{HeadShape, Heads};
 use crate::model::{self, BertModel, Pooling};
@@ -23,50 +23,52 @@ const HEAD_SEED_SALT: u64 = 0x4845_4144_5321; // "HEADS!"
 /// The standard deviation of BERT's initialisation, which SimCSE and MCSE give their MLP head.
 const HEAD_INIT_STD: f64 = 0.02;
 
-/// The student's outputs for a two-view batch of B examples.
-pub struct Embeddings {
+/// One of the student's outputs that the objective reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Output {
     /// MLP-head outputs of view 1 and view 2, `[B, hidden]`.
-    pub z1: Tensor,
-    pub z2: Tensor,
-    /// On paired batches, the grounding side.
-    pub grounding: Option<GroundingEmbeddings>,
+    Z1,
+    Z2,
+    /// On paired batches: grounding projections of both views, and the image and caption heads'
+    /// outputs of the batch's teacher features; all normalised, `[B, proj_dim]`.
+    P1,
+    P2,
+    Image,
+    Caption,
 }
 
-/// Grounding projections of both views, and the teacher heads' outputs of the batch's teacher
-/// features; all normalised, `[B, proj_dim]`.
-pub struct GroundingEmbeddings {
-    pub p1: Tensor,
-    pub p2: Tensor,
-    pub v: Tensor,
-    pub t: Tensor,
+impl Output {
+    /// Whether the objective reads it as columns of the pool (gathered from every rank) rather
+    /// than as this rank's rows.
+    pub fn is_pool_column(self) -> bool {
+        matches!(self, Output::Z2 | Output::Image | Output::Caption)
+    }
 }
+
+/// The student's outputs for a two-view batch of B examples (or their gradients), by name.
+pub struct Embeddings(BTreeMap<Output, Tensor>);
 
 impl Embeddings {
-    /// Every tensor, in a fixed order (z1, z2, then p1, p2, v, t on paired batches).
-    fn tensors(&self) -> Vec<&Tensor> {
-        let mut out = vec![&self.z1, &self.z2];
-        if let Some(g) = &self.grounding {
-            out.extend([&g.p1, &g.p2, &g.v, &g.t]);
-        }
-        out
+    pub fn new(outputs: impl IntoIterator<Item = (Output, Tensor)>) -> Self {
+        Self(outputs.into_iter().collect())
     }
 
-    /// Embeddings made of `tensors` in the order of [`Embeddings::tensors`].
-    pub fn from_tensors(mut tensors: Vec<Tensor>) -> Self {
-        let grounding = (tensors.len() == 6).then(|| {
-            let t = tensors.pop().expect("6");
-            let v = tensors.pop().expect("5");
-            let p2 = tensors.pop().expect("4");
-            let p1 = tensors.pop().expect("3");
-            GroundingEmbeddings { p1, p2, v, t }
-        });
-        let z2 = tensors.pop().expect("2");
-        let z1 = tensors.pop().expect("1");
-        Self { z1, z2, grounding }
+    pub fn get(&self, output: Output) -> Option<&Tensor> {
+        self.0.get(&output)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Output, &Tensor)> {
+        self.0.iter().map(|(o, t)| (*o, t))
+    }
+
+    /// Examples (rows of each output).
+    pub fn examples(&self) -> Result<usize> {
+        Ok(self.0.values().next().context("no outputs")?.dim(0)?)
     }
 
     fn map(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
-        Ok(Self::from_tensors(self.tensors().into_iter().map(f).collect::<candle_core::Result<_>>()?))
+        let mapped = self.iter().map(|(o, t)| Ok((o, f(t)?))).collect::<candle_core::Result<_>>()?;
+        Ok(Self(mapped))
     }
 
     /// The same values without a graph.
@@ -74,18 +76,21 @@ impl Embeddings {
         self.map(|t| Ok(t.detach())).expect("detach cannot fail")
     }
 
-    /// Rows `start..start + len` of every tensor.
+    /// Rows `start..start + len` of every output.
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
         self.map(|t| t.narrow(0, start, len))
     }
 
     /// The chunks' rows one after another.
     pub fn cat(chunks: &[Embeddings]) -> Result<Self> {
-        let count = chunks[0].tensors().len();
-        let tensors = (0..count)
-            .map(|i| Tensor::cat(&chunks.iter().map(|c| c.tensors()[i]).collect::<Vec<_>>(), 0))
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self::from_tensors(tensors))
+        let outputs = chunks[0].0.keys().map(|&output| {
+            let parts = chunks
+                .iter()
+                .map(|c| c.get(output).context("chunks of one batch"))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((output, Tensor::cat(&parts, 0)?))
+        });
+        Ok(Self(outputs.collect::<Result<_>>()?))
     }
 
     /// `sum(e * g)` over every embedding `e` and its gradient `g` from `grads`: its gradient with
@@ -93,11 +98,12 @@ impl Embeddings {
     /// heads.
     fn surrogate(&self, grads: &Embeddings) -> Result<Tensor> {
         let terms = self
-            .tensors()
-            .into_iter()
-            .zip(grads.tensors())
-            .map(|(e, g)| e.mul(g)?.sum_all())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .iter()
+            .map(|(output, e)| {
+                let g = grads.get(output).with_context(|| format!("no gradient of {output:?}"))?;
+                Ok(e.mul(g)?.sum_all()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&terms, 0)?.sum_all()?)
     }
 }
@@ -203,20 +209,17 @@ impl Student {
     fn heads_forward(&self, h: &Tensor, batch: &TwoViewBatch) -> Result<Embeddings> {
         let b = batch.examples;
         let z = self.heads.mlp.forward(h)?;
-        let (z1, z2) = (z.narrow(0, 0, b)?, z.narrow(0, b, b)?);
-        let grounding = match &batch.teacher {
-            None => None,
-            Some(teacher) => {
-                let p = self.heads.grounding.forward(h)?;
-                Some(GroundingEmbeddings {
-                    p1: p.narrow(0, 0, b)?,
-                    p2: p.narrow(0, b, b)?,
-                    v: self.heads.image.forward(&teacher.image)?,
-                    t: self.heads.caption.forward(&teacher.caption)?,
-                })
-            }
-        };
-        Ok(Embeddings { z1, z2, grounding })
+        let mut outputs = vec![(Output::Z1, z.narrow(0, 0, b)?), (Output::Z2, z.narrow(0, b, b)?)];
+        if let Some(teacher) = &batch.teacher {
+            let p = self.heads.grounding.forward(h)?;
+            outputs.extend([
+                (Output::P1, p.narrow(0, 0, b)?),
+                (Output::P2, p.narrow(0, b, b)?),
+                (Output::Image, self.heads.image.forward(&teacher.image)?),
+                (Output::Caption, self.heads.caption.forward(&teacher.caption)?),
+            ]);
+        }
+        Ok(Embeddings::new(outputs))
     }
 
     /// Every trainable variable by name (`encoder.*`, `heads.*`).

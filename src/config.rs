@@ -309,7 +309,8 @@ impl TrainConfig {
     /// then `overrides` (`train.max_steps=10`); checks the result.
     pub fn load(file: &Path, overrides: &[String]) -> Result<Self> {
         // Only variables that name a section: KDMCSE_TIMEOUT and friends are not config keys.
-        let sections = ["MODEL__", "DATA__", "LOSS__", "TRAIN__", "OUTPUT__", "DIST__"];
+        let sections: Vec<String> =
+            Self::sections().iter().map(|s| format!("{}__", s.to_uppercase())).collect();
         let env: std::collections::HashMap<String, String> = std::env::vars()
             .filter(|(k, _)| {
                 k.strip_prefix("KDMCSE_").is_some_and(|rest| sections.iter().any(|s| rest.starts_with(s)))
@@ -344,45 +345,79 @@ impl TrainConfig {
     /// Checks every value against its meaning: ranges (naming the key, the value and what is
     /// allowed), paths that must be given, and combinations that cannot work.
     pub fn validate(&self) -> Result<()> {
-        let (m, d, l, t, o) = (&self.model, &self.data, &self.loss, &self.train, &self.output);
-        path_given("model.path", &m.path)?;
-        in_range("model.proj_dim", m.proj_dim, 1..)?;
+        self.model.validate()?;
+        self.data.validate()?;
+        self.loss.validate(self.data.paired.is_some())?;
+        self.train.validate()?;
+        self.output.validate()?;
+        self.dist.validate()
+    }
+
+    /// The config's sections (`model`, `data`, ...), as its type declares them: the prefixes of
+    /// `KDMCSE_<SECTION>__<KEY>` variables.
+    pub fn sections() -> &'static [&'static str] {
+        struct_fields::<Self>()
+    }
+}
+
+impl ModelConfig {
+    fn validate(&self) -> Result<()> {
+        path_given("model.path", &self.path)?;
+        in_range("model.proj_dim", self.proj_dim, 1..)?;
         // [CLS] sentence [SEP]: fewer tokens leave no room for the sentence.
-        in_range("model.max_len", m.max_len, 3..)?;
-        if d.text.is_empty() {
+        in_range("model.max_len", self.max_len, 3..)
+    }
+}
+
+impl DataConfig {
+    fn validate(&self) -> Result<()> {
+        if self.text.is_empty() {
             bail!("data.text lists no corpus");
         }
-        for (i, path) in d.text.iter().enumerate() {
+        for (i, path) in self.text.iter().enumerate() {
             path_given(&format!("data.text[{i}]"), path)?;
         }
-        if let Some(paired) = &d.paired {
+        if let Some(paired) = &self.paired {
             path_given("data.paired", paired)?;
         }
-        path_given("data.eval", &d.eval)?;
-        if let Some(every) = d.paired_every {
+        path_given("data.eval", &self.eval)?;
+        if let Some(every) = self.paired_every {
             in_range("data.paired_every", every, 1..)?;
         }
-        positive("loss.temp", l.temp)?;
-        positive("loss.temp_vl", l.temp_vl)?;
-        non_negative("loss.lambda", l.lambda)?;
+        Ok(())
+    }
+}
+
+impl Objective {
+    /// The `[loss]` section's checks; `paired_data`: whether `data.paired` is set.
+    fn validate(&self, paired_data: bool) -> Result<()> {
+        positive("loss.temp", self.temp)?;
+        positive("loss.temp_vl", self.temp_vl)?;
+        non_negative("loss.lambda", self.lambda)?;
         // An angular margin beyond pi/2 turns every negative's cosine around.
-        in_range("loss.margin_text", l.margin_text, 0.0..=std::f64::consts::FRAC_PI_2)?;
-        in_range("loss.margin_vl", l.margin_vl, 0.0..=std::f64::consts::FRAC_PI_2)?;
-        match l.filter {
+        in_range("loss.margin_text", self.margin_text, 0.0..=std::f64::consts::FRAC_PI_2)?;
+        in_range("loss.margin_vl", self.margin_vl, 0.0..=std::f64::consts::FRAC_PI_2)?;
+        match self.filter {
             Some(crate::loss::FilterScore::Cosine) => {
-                in_range("loss.filter_threshold", l.filter_threshold, -1.0..=1.0)?
+                in_range("loss.filter_threshold", self.filter_threshold, -1.0..=1.0)?
             }
-            _ => finite("loss.filter_threshold", l.filter_threshold)?,
+            _ => finite("loss.filter_threshold", self.filter_threshold)?,
         }
-        if l.uses_paired_data() && d.paired.is_none() {
-            bail!("loss.objective = {:?} needs data.paired (a teacher feature folder)", l.kind);
+        if self.uses_paired_data() && !paired_data {
+            bail!("loss.objective = {:?} needs data.paired (a teacher feature folder)", self.kind);
         }
-        if l.kind == ObjectiveKind::Mcse && (l.margin_text != 0.0 || l.margin_vl != 0.0 || l.filter.is_some())
-        {
+        let margins_or_filter = self.margin_text != 0.0 || self.margin_vl != 0.0 || self.filter.is_some();
+        if self.kind == ObjectiveKind::Mcse && margins_or_filter {
             bail!("loss.objective = \"mcse\" has no margins and no filter; use \"kdmcse\" for loss.margin_* / loss.filter");
         }
+        Ok(())
+    }
+}
+
+impl TrainingConfig {
+    fn validate(&self) -> Result<()> {
         // In-batch negatives need a second example.
-        match (t.global_batch, t.batch_size) {
+        match (self.global_batch, self.batch_size) {
             (Some(_), Some(_)) => bail!(
                 "set train.global_batch (examples per step over all ranks) or train.batch_size (per \
                  process), not both"
@@ -391,40 +426,78 @@ impl TrainConfig {
             (None, Some(per_rank)) => in_range("train.batch_size", per_rank, 2..)?,
             (None, None) => {}
         }
-        if let Some(micro) = t.micro_batch {
+        if let Some(micro) = self.micro_batch {
             in_range("train.micro_batch", micro, 1..)?;
         }
-        in_range("train.grad_accum", t.grad_accum, 1..)?;
-        if t.max_steps == 0 && t.epochs == 0 {
+        in_range("train.grad_accum", self.grad_accum, 1..)?;
+        if self.max_steps == 0 && self.epochs == 0 {
             bail!("set train.max_steps or train.epochs (both are 0)");
         }
-        positive("train.lr", t.lr)?;
-        non_negative("train.weight_decay", t.weight_decay)?;
-        for (i, beta) in t.betas.iter().enumerate() {
+        positive("train.lr", self.lr)?;
+        non_negative("train.weight_decay", self.weight_decay)?;
+        for (i, beta) in self.betas.iter().enumerate() {
             in_range(&format!("train.betas[{i}]"), *beta, 0.0..1.0)?;
         }
-        positive("train.eps", t.eps)?;
-        non_negative("train.grad_clip", t.grad_clip)?;
-        if o.dir.trim().is_empty() {
+        positive("train.eps", self.eps)?;
+        non_negative("train.grad_clip", self.grad_clip)
+    }
+}
+
+impl OutputConfig {
+    fn validate(&self) -> Result<()> {
+        if self.dir.trim().is_empty() {
             bail!("output.dir is empty: give a folder or a URL for checkpoints");
         }
-        non_negative("output.log_every_s", o.log_every_s)?;
-        if let Some(metrics) = &o.metrics {
+        non_negative("output.log_every_s", self.log_every_s)?;
+        if let Some(metrics) = &self.metrics {
             path_given("output.metrics", metrics)?;
         }
-        let dist = &self.dist;
-        positive("dist.heartbeat_s", dist.heartbeat_s)?;
+        Ok(())
+    }
+}
+
+impl DistConfig {
+    fn validate(&self) -> Result<()> {
+        positive("dist.heartbeat_s", self.heartbeat_s)?;
         // A peer gets at least two heartbeats before it can be declared lost.
-        finite("dist.peer_timeout_s", dist.peer_timeout_s)?;
-        if dist.peer_timeout_s < 2.0 * dist.heartbeat_s {
+        finite("dist.peer_timeout_s", self.peer_timeout_s)?;
+        if self.peer_timeout_s < 2.0 * self.heartbeat_s {
             bail!(
                 "dist.peer_timeout_s = {} must be at least twice dist.heartbeat_s = {}",
-                dist.peer_timeout_s,
-                dist.heartbeat_s
+                self.peer_timeout_s,
+                self.heartbeat_s
             );
         }
         Ok(())
     }
+}
+
+/// The field names serde reads for struct `T` (asked of its `Deserialize` impl, which names them
+/// to the deserializer before it reads anything).
+fn struct_fields<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+            unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
 }
 
 /// Keys a resumed run may change: they decide where and how often things are written and
@@ -446,15 +519,11 @@ pub const RESULT_NEUTRAL_KEYS: [&str; 12] = [
 ];
 
 /// The first key (in sorted order, neutral keys left out) whose value differs between a
-/// checkpoint's config and this run's, with both values. The checkpoint's config is read with
-/// today's defaults for keys it predates.
-pub fn training_difference(checkpoint: &toml::Table, run: &toml::Table) -> Option<(String, String, String)> {
-    let normalised = toml::Value::Table(checkpoint.clone())
-        .try_into::<TrainConfig>()
-        .ok()
-        .and_then(|c| toml::from_str::<toml::Table>(&c.to_toml()).ok())
-        .unwrap_or_else(|| checkpoint.clone());
-    let (was, now) = (flatten(&normalised), flatten(run));
+/// checkpoint's config and this run's, with both values.
+pub fn training_difference(checkpoint: &TrainConfig, run: &TrainConfig) -> Option<(String, String, String)> {
+    let table =
+        |c: &TrainConfig| toml::from_str::<toml::Table>(&c.to_toml()).expect("the config serialises to TOML");
+    let (was, now) = (flatten(&table(checkpoint)), flatten(&table(run)));
     let keys: std::collections::BTreeSet<&String> = was.keys().chain(now.keys()).collect();
     let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
     let difference =
@@ -538,5 +607,25 @@ fn toml_to_config(value: &toml::Value) -> config::Value {
         toml::Value::Boolean(b) => (*b).into(),
         toml::Value::Array(items) => items.iter().map(toml_to_config).collect::<Vec<_>>().into(),
         other => other.to_string().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sections the environment may override are the config's own, a new one included.
+    #[test]
+    fn the_sections_are_the_configs_tables() {
+        let cfg: TrainConfig = toml::from_str(
+            "[model]\npath = \"m\"\n[data]\ntext = [\"t\"]\neval = \"e\"\n[output]\ndir = \"o\"",
+        )
+        .unwrap();
+        let tables: toml::Table = toml::from_str(&cfg.to_toml()).unwrap();
+        let mut sections: Vec<&str> = TrainConfig::sections().to_vec();
+        let mut expected: Vec<&str> = tables.keys().map(String::as_str).collect();
+        sections.sort();
+        expected.sort();
+        assert_eq!(sections, expected);
     }
 }
