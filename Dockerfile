@@ -10,7 +10,7 @@ FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04 AS build
 ARG CUDA_COMPUTE_CAP=90
 # libnccl-dev: candle links NCCL (and the other CUDA libraries) dynamically; the devel image's
 # lib64/stubs/libcuda.so stands in for the driver at link time.
-RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential pkg-config libnccl-dev \
+RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential pkg-config libnccl-dev protobuf-compiler \
     && rm -rf /var/lib/apt/lists/*
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
 ENV PATH=/root/.cargo/bin:$PATH CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}

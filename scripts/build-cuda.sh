@@ -20,6 +20,7 @@
 # libcuda.so.1 comes from the machine's driver. The stub is never on a run-time path: it has no .so.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/install-build-deps.sh
 mode="${1:-build}"
 venv=.cuda-venv
 compiler=("nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*"

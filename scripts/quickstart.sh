@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-minilm.sh
+scripts/install-build-deps.sh
 cargo build --release --workspace
 target/release/kdmcse train --config configs/quickstart.toml "$@"
 target/release/kdmcse eval --model runs/quickstart/best-model --data ../shared/data

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-minilm.sh
+scripts/install-build-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 # The end-to-end tests run both binaries (kdmcse-launch is another package of the workspace).

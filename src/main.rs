@@ -309,6 +309,13 @@ fn run_train(args: TrainArgs) -> Result<()> {
             config.train.device
         )));
     }
+    if let (Some(per_rank), Some(_)) = (config.train.batch_size, std::env::var_os(contract::env::ELASTIC)) {
+        return Err(InputError::wrap(anyhow::anyhow!(
+            "kdmcse-launch --nnodes MIN:MAX may change the number of ranks between rounds, but \
+             train.batch_size = {per_rank} fixes the batch of each rank, so the negative pool would change \
+             with them: set train.global_batch instead (split over whatever ranks a round has)"
+        )));
+    }
     let device = config.train.device.device()?;
     // Until training starts a signal just ends the process (nothing to save; a worker waiting in
     // rendezvous must not hold its launcher for the grace period).

@@ -102,9 +102,7 @@ fn a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted() {
     let (straight, faulty) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let steps = 10;
     let cfg = write_config(straight.path(), 8, steps);
-    assert_ok(
-        &launcher(&["--nproc", "2", "--standalone", "--config", cfg.to_str().unwrap()]).output().unwrap(),
-    );
+    run_two_ranks(&cfg);
 
     let cfg = write_config(faulty.path(), 8, steps);
     let mut child: Child =
@@ -270,9 +268,7 @@ fn sigterm_to_the_launcher_stops_every_rank_at_one_step_and_the_resume_is_exact(
     let (straight, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let steps = 8;
     let cfg = write_config(straight.path(), 8, steps);
-    assert_ok(
-        &launcher(&["--nproc", "2", "--standalone", "--config", cfg.to_str().unwrap()]).output().unwrap(),
-    );
+    run_two_ranks(&cfg);
 
     let cfg = write_config(stopped.path(), 8, steps);
     let args = ["--nproc", "2", "--standalone", "--stop-timeout-s", "30", "--config", cfg.to_str().unwrap()];
@@ -337,7 +333,14 @@ struct Line {
 /// labelled `label`. Heartbeats every second, a peer lost after 5 s.
 fn start_node(node: usize, label: usize, port: &str, cfg: &Path, lines: &mpsc::Sender<Line>) -> Child {
     let node = node.to_string();
-    let mut child = launcher(&["--nproc", "1", "--nnodes", "2", "--node-rank", &node, "--master-port", port])
+    spawn_node(label, &["--nnodes", "2", "--node-rank", &node, "--master-port", port], cfg, lines)
+}
+
+/// A launcher of one worker with `args`, its output on `lines` labelled `label`; at most 2
+/// restarts, heartbeats every second, a peer lost after 5 s.
+fn spawn_node(label: usize, args: &[&str], cfg: &Path, lines: &mpsc::Sender<Line>) -> Child {
+    let mut child = launcher(&["--nproc", "1"])
+        .args(args)
         .args(["--max-restarts", "2", "--stop-timeout-s", "10", "--config", cfg.to_str().unwrap(), "--"])
         .args(["--set", "dist.heartbeat_s=1", "--set", "dist.peer_timeout_s=5"])
         .stdout(Stdio::piped())
@@ -379,6 +382,13 @@ fn wait_ok(child: &mut Child) {
 }
 
 /// The first of `seen` from `node` whose text has every one of `needles`, and when it came.
+/// The uninterrupted reference: `cfg` on two ranks of one standalone launcher, which must succeed.
+fn run_two_ranks(cfg: &Path) {
+    assert_ok(
+        &launcher(&["--nproc", "2", "--standalone", "--config", cfg.to_str().unwrap()]).output().unwrap(),
+    );
+}
+
 fn first_line<'a>(seen: &'a [Line], node: usize, needles: &[&str]) -> Option<&'a Line> {
     seen.iter().find(|l| l.node == node && needles.iter().all(|n| l.text.contains(n)))
 }
@@ -398,9 +408,7 @@ fn a_frozen_or_vanished_node_ends_the_round_everywhere_and_the_run_ends_as_if_un
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let steps = 10;
     let cfg = write_config(straight.path(), 8, steps);
-    assert_ok(
-        &launcher(&["--nproc", "2", "--standalone", "--config", cfg.to_str().unwrap()]).output().unwrap(),
-    );
+    run_two_ranks(&cfg);
     let expected = final_weights(straight.path());
     let is_checkpoint_4 = |e: &serde_json::Value| e["event"] == "checkpoint_saved" && e["step"] == 4;
     let is_rank_1 = |e: &serde_json::Value| e["event"] == "joined" && e["rank"] == 1;
@@ -486,4 +494,127 @@ fn standalone_jobs_run_side_by_side() {
     for dir in &dirs {
         assert_eq!(common::step_losses(dir.path()).len(), 3);
     }
+}
+
+/// Node `node` of `nnodes` (`N` or `MIN:MAX`) of run `run` on the etcd cluster at `endpoints`.
+fn etcd_node(
+    node: usize,
+    label: usize,
+    nnodes: &str,
+    endpoints: &str,
+    cfg: &Path,
+    lines: &mpsc::Sender<Line>,
+) -> Child {
+    let node = node.to_string();
+    let args =
+        ["--nnodes", nnodes, "--node-rank", &node, "--rdzv-backend", "etcd", "--rdzv-endpoint", endpoints];
+    spawn_node(label, &[&args[..], &["--rdzv-id", "job", "--rdzv-last-call", "3"]].concat(), cfg, lines)
+}
+
+/// Two launchers meet on a 3-member etcd cluster and train bitwise as `--nproc 2` on the static
+/// store does, although an etcd member is killed mid-run: the round goes on.
+#[test]
+fn two_launchers_on_etcd_train_as_on_the_static_store_and_outlive_an_etcd_member() {
+    let (straight, on_etcd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 10;
+    let cfg = write_config(straight.path(), 8, steps);
+    run_two_ranks(&cfg);
+    let mut etcd = common::etcd::EtcdCluster::start(3);
+    let cfg = write_config(on_etcd.path(), 8, steps);
+    let (tx, rx) = mpsc::channel();
+    let mut nodes = [0, 1].map(|n| etcd_node(n, n, "2", &etcd.endpoints(), &cfg, &tx));
+    drop(tx);
+    let mut seen = Vec::new();
+    wait_for_line_event(&rx, &mut seen, |e| e["event"] == "checkpoint_saved" && e["step"] == 4);
+    etcd.kill(0);
+    nodes.iter_mut().for_each(wait_ok);
+    seen.extend(rx.iter());
+    let log = dump(&seen);
+    for node in [0, 1] {
+        assert!(first_line(&seen, node, &["[launcher]", "round 0: starting ranks"]).is_some(), "{log}");
+        assert!(first_line(&seen, node, &["[launcher]", "round 1"]).is_none(), "a round ended:\n{log}");
+    }
+    assert_eq!(common::step_losses(on_etcd.path()), common::step_losses(straight.path()));
+    assert_eq!(common::max_weight_diff(&final_weights(straight.path()), &final_weights(on_etcd.path())), 0.0);
+}
+
+/// `--nnodes 1:2` on etcd. kill -9 node 0's launcher and worker mid-run: node 1 ends the round
+/// within `peer_timeout_s + 10` s, trains alone (1 rank with the same global batch) from the
+/// newest checkpoint, and when node 0 comes back both nodes continue in the next round. The
+/// final weights are those of an uninterrupted 2-rank run (to 1e-5: the world size changed).
+#[test]
+fn node_0_lost_on_etcd_leaves_node_1_training_alone_until_it_comes_back() {
+    let (straight, elastic) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 24;
+    let cfg = common::pool_config(straight.path(), 16, None, steps);
+    run_two_ranks(&cfg);
+    let etcd = common::etcd::EtcdCluster::start(1);
+    let cfg = common::pool_config(elastic.path(), 16, None, steps);
+    let (tx, rx) = mpsc::channel();
+    let [mut zero, mut one] = [0, 1].map(|n| etcd_node(n, n, "1:2", &etcd.endpoints(), &cfg, &tx));
+    let mut seen = Vec::new();
+    // Under load node 1 may join after the last call: then round 0 is node 0's alone and both
+    // nodes meet in round 1. The kill comes in the first round with both.
+    let rank_0 = wait_for_line_event(&rx, &mut seen, |e| {
+        e["event"] == "joined" && e["rank"] == 0 && e["world_size"] == 2
+    });
+    let both = rank_0["round"].as_u64().unwrap();
+    wait_for_line_event(&rx, &mut seen, |e| e["event"] == "checkpoint_saved" && e["step"] == 4);
+    kill(zero.id() as i32, 9);
+    kill(rank_0["pid"].as_i64().unwrap() as i32, 9);
+    let killed = Instant::now();
+    let _ = zero.wait();
+    let alone = wait_for_line_event(&rx, &mut seen, |e| e["event"] == "resumed" && e["world_size"] == 1);
+    let noticed =
+        first_line(&seen, 1, &["[launcher]", &format!("round {both} ended")]).expect("node 1 ends the round");
+    assert!(noticed.at.duration_since(killed) < Duration::from_secs(15), "{}", dump(&seen));
+    let step = alone["step"].as_u64().unwrap();
+    wait_for_line_event(&rx, &mut seen, |e| {
+        e["event"] == "checkpoint_saved" && e["step"].as_u64() > Some(step)
+    });
+
+    zero = etcd_node(0, 2, "1:2", &etcd.endpoints(), &cfg, &tx);
+    drop(tx);
+    wait_ok(&mut zero);
+    wait_ok(&mut one);
+    seen.extend(rx.iter());
+    let log = dump(&seen);
+    let (solo, rejoined) = (both + 1, both + 2);
+    let solo_start = format!("round {solo}: starting ranks 0..1 of 1 (nodes [1])");
+    assert!(first_line(&seen, 1, &["[launcher]", &solo_start]).is_some(), "{log}");
+    let change = format!("changing the nodes in round {rejoined}");
+    assert!(first_line(&seen, 1, &["node 0 is waiting to join", &change]).is_some(), "{log}");
+    let rejoined_start = format!("round {rejoined}: starting");
+    for node in [1, 2] {
+        assert!(
+            first_line(&seen, node, &["[launcher]", &rejoined_start, "of 2 (nodes [0, 1])"]).is_some(),
+            "{log}"
+        );
+    }
+    let diff = common::max_weight_diff(&final_weights(straight.path()), &final_weights(elastic.path()));
+    assert!(diff < 1e-5, "weights differ by {diff} from the uninterrupted run:\n{log}");
+}
+
+/// An etcd that does not answer is a rendezvous failure a restart may cure (exit 1) that names
+/// the endpoints; an elastic job refuses a per-rank batch size (exit 2) and names the key to use.
+#[test]
+fn unreachable_etcd_and_per_rank_batches_under_elastic_ranges_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), 8, 4);
+    let endpoints = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let out = launcher(&["--nproc", "1", "--rdzv-backend", "etcd", "--rdzv-endpoint", &endpoints])
+        .args(["--config", cfg.to_str().unwrap()])
+        .env("KDMCSE_TIMEOUT", "3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    common::process::assert_fails_with(&out, &[&format!("cannot reach etcd at {endpoints}")]);
+
+    let port = free_port().to_string();
+    let out = launcher(&["--nproc", "1", "--nnodes", "1:2", "--rdzv-last-call", "0", "--master-port", &port])
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    common::process::assert_fails_with(&out, &["train.batch_size = 8", "set train.global_batch"]);
 }

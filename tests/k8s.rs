@@ -376,3 +376,161 @@ fn two_node_pod_commands_train_to_s3_and_recover_from_a_lost_node() {
     let recovered = common::checkpoint_weights(&store, "step-00000008");
     assert_eq!(common::max_weight_diff(&recovered, &common::latest_weights(&straight)), 0.0);
 }
+
+/// The etcd cluster of `k8s/components/etcd` in a rendering, validated: 3 members started
+/// together, each listed in the initial cluster under its stable name, a quorum kept through
+/// voluntary disruptions. Returns the members' client endpoints and the client Service's.
+fn etcd_cluster(what: &str, docs: &[serde_json::Value]) -> (Vec<String>, String) {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let of_kind = |kind: &'static str| docs.iter().filter(move |d| d["kind"] == kind);
+    let sts: StatefulSet =
+        validate(of_kind("StatefulSet").next().unwrap_or_else(|| panic!("{what}: no etcd")));
+    let spec = sts.spec.as_ref().unwrap();
+    let (name, replicas) = (sts.metadata.name.clone().unwrap(), spec.replicas.unwrap());
+    assert_eq!(replicas, 3, "{what}: a quorum survives one member");
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"), "{what}: members start together");
+    let labels = spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let services: Vec<Service> = of_kind("Service").map(validate).collect();
+    let selects_etcd = |s: &&Service| {
+        let selector = s.spec.as_ref().unwrap().selector.clone().unwrap_or_default();
+        !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    let peers = services
+        .iter()
+        .filter(selects_etcd)
+        .find(|s| s.metadata.name.as_ref() == Some(&spec.service_name.clone().unwrap()));
+    let peers = peers.unwrap_or_else(|| panic!("{what}: no headless Service for the members"));
+    assert_eq!(peers.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("None"), "{what}");
+    let client = services.iter().filter(selects_etcd).find(|s| s.spec.as_ref().unwrap().cluster_ip.is_none());
+    let client = client.unwrap_or_else(|| panic!("{what}: no client Service")).metadata.name.clone().unwrap();
+    let service = peers.metadata.name.clone().unwrap();
+    let member = |i: i32| format!("{name}-{i}.{service}");
+    let initial: Vec<String> =
+        (0..replicas).map(|i| format!("{name}-{i}=http://{}:2380", member(i))).collect();
+    let args = spec.template.spec.as_ref().unwrap().containers[0].args.clone().unwrap();
+    assert!(args.contains(&format!("--initial-cluster={}", initial.join(","))), "{what}: {args:?}");
+    let pdb: PodDisruptionBudget =
+        validate(of_kind("PodDisruptionBudget").next().expect("a PodDisruptionBudget"));
+    let min_available = pdb.spec.unwrap().min_available.unwrap();
+    assert_eq!(min_available, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(2), "{what}");
+    ((0..replicas).map(|i| format!("{}:2379", member(i))).collect(), format!("{client}:2379"))
+}
+
+/// A trainer pod's environment as the kubelet gives it, less secrets: the `envFrom` ConfigMaps of
+/// `docs`, then its own variables (which win), those from the downward API through `field`; plus
+/// what the operator adds (`extra`).
+fn pod_env(
+    container: &Container,
+    docs: &[serde_json::Value],
+    field: impl Fn(&str) -> String,
+    extra: &[(String, String)],
+) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = extra.iter().cloned().collect();
+    for source in container.env_from.iter().flatten() {
+        let Some(map) = &source.config_map_ref else { continue };
+        let doc =
+            docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == map.name.as_str());
+        let config: ConfigMap = validate(doc.unwrap_or_else(|| panic!("no ConfigMap {}", map.name)));
+        env.extend(config.data.unwrap());
+    }
+    for var in container.env.iter().flatten() {
+        let from_field =
+            var.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| field(&f.field_path));
+        // Secrets (the S3 credentials) are not there to read, and not needed to meet.
+        if let Some(value) = var.value.clone().or(from_field) {
+            env.insert(var.name.clone(), value);
+        }
+    }
+    env
+}
+
+/// The etcd variants of the Indexed Job, the JobSet and the PyTorchJob run the etcd cluster of
+/// `k8s/components/etcd`, and their pods' launchers are given every member (or the client
+/// Service), an elastic range up to their pod count, and a rendezvous id. kdmcse-launch itself
+/// reads each pod's command line: here, where the cluster's names do not resolve, it takes the
+/// etcd backend and fails as a restartable rendezvous error (exit 1) naming those endpoints.
+#[test]
+fn the_etcd_variants_point_every_launcher_at_a_three_member_etcd() {
+    use k8s_openapi::api::batch::v1::JobTemplateSpec;
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    for variant in ["overlays/4node-8gpu-etcd", "jobset-etcd", "kubeflow-etcd"] {
+        let docs = render_dir(&root.join(variant));
+        let (members, client) = etcd_cluster(variant, &docs);
+        let find = |kind: &str| docs.iter().find(|d| d["kind"] == kind);
+        let (pod, pods, endpoints, extra) = if let Some(job) = find("Job") {
+            let job: Job = validate(job);
+            let spec = job.spec.unwrap();
+            (spec.template.spec.unwrap(), spec.completions.unwrap(), members.join(","), vec![])
+        } else if let Some(jobset) = find("JobSet") {
+            let replicated = &jobset["spec"]["replicatedJobs"][0];
+            let job: JobTemplateSpec = validate(&replicated["template"]);
+            let pod = job.spec.unwrap().template.spec.unwrap();
+            (pod, replicated["replicas"].as_i64().unwrap() as i32, members.join(","), vec![])
+        } else {
+            let job = find("PyTorchJob").expect("a Job, JobSet or PyTorchJob");
+            let specs = &job["spec"]["pytorchReplicaSpecs"];
+            assert!(specs.get("Master").is_none(), "elastic PyTorchJobs have Workers only");
+            let template: PodTemplateSpec = validate(&specs["Worker"]["template"]);
+            // What the training-operator sets from elasticPolicy (as for torchrun).
+            let policy = &job["spec"]["elasticPolicy"];
+            let host = format!("{}:{}", policy["rdzvHost"].as_str().unwrap(), policy["rdzvPort"]);
+            let operator = [
+                ("PET_NNODES", format!("{}:{}", policy["minReplicas"], policy["maxReplicas"])),
+                ("PET_RDZV_BACKEND", policy["rdzvBackend"].as_str().unwrap().to_owned()),
+                ("PET_RDZV_ENDPOINT", host.clone()),
+                ("PET_RDZV_ID", policy["rdzvId"].as_str().unwrap().to_owned()),
+                ("PET_MAX_RESTARTS", policy["maxRestarts"].to_string()),
+            ];
+            assert_eq!(policy["maxReplicas"], specs["Worker"]["replicas"], "{variant}");
+            assert_eq!(host, client, "{variant}: the operator's endpoint is the etcd client Service");
+            let extra = operator.map(|(k, v)| (k.to_owned(), v)).to_vec();
+            (template.spec.unwrap(), specs["Worker"]["replicas"].as_i64().unwrap() as i32, host, extra)
+        };
+        assert_pod_resumes_with_the_shared_config(variant, &pod, &config_map(variant, &docs));
+        let container = &pod.containers[0];
+        let env = pod_env(
+            container,
+            &docs,
+            |path| match path {
+                "metadata.labels['batch.kubernetes.io/controller-uid']" => "3f1c9a".into(),
+                "metadata.labels['jobset.sigs.k8s.io/jobset-name']" => "kdmcse".into(),
+                "metadata.annotations['jobset.sigs.k8s.io/job-index']" => "1".into(),
+                "metadata.labels['training.kubeflow.org/replica-index']" => "1".into(),
+                other => panic!("{variant}: a field the test does not know: {other}"),
+            },
+            &extra,
+        );
+        let args: Vec<String> = container.args.clone().unwrap().iter().map(|a| expand(a, &env)).collect();
+        let nnodes = args.windows(2).find(|w| w[0] == "--nnodes").map(|w| w[1].clone());
+        let nnodes = nnodes.or_else(|| env.get("KDMCSE_NNODES").cloned()).unwrap();
+        assert_eq!(nnodes, format!("2:{pods}"), "{variant}: elastic up to its pods");
+        let has_id = env.contains_key("KDMCSE_RDZV_ID") || args.iter().any(|a| a == "--rdzv-id");
+        assert!(has_id, "{variant}: a rendezvous id of its own");
+        let args: Vec<String> = args
+            .into_iter()
+            .map(|a| if a == "/etc/kdmcse/train.toml" { config.display().to_string() } else { a })
+            .collect();
+        // No GPUs here: as many CPU workers.
+        let mut env = env;
+        if let Some(gpus) = env.remove("KDMCSE_GPUS") {
+            env.insert("KDMCSE_NPROC".into(), gpus);
+        }
+        let out = Command::new(common::process::launcher_bin())
+            .args(&args)
+            .env_clear()
+            .envs(&env)
+            .env("PATH", std::env::var_os("PATH").unwrap())
+            .env("KDMCSE_TIMEOUT", "2")
+            .env("JOB_COMPLETION_INDEX", "1")
+            .env("KDMCSE_BIN", env!("CARGO_BIN_EXE_kdmcse"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{variant}: {args:?}\n{stderr}");
+        assert!(stderr.contains(&format!("cannot reach etcd at {endpoints} ")), "{variant}:\n{stderr}");
+    }
+}

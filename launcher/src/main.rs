@@ -1,10 +1,12 @@
 //! `kdmcse-launch`: the agent of one node. It starts one `kdmcse train` worker per GPU (or per
 //! CPU slot) with torchrun's environment contract (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), streams their output with a rank prefix and
-//! forwards SIGINT and SIGTERM. The node-0 launcher hosts the rendezvous store; the launchers of
-//! all nodes meet there in rounds ([`rendezvous`]): a failure on any node ends the round on every
+//! forwards SIGINT and SIGTERM. The launchers of all nodes meet in rounds ([`rendezvous`]) on the
+//! rendezvous store: the `static` one the node-0 launcher hosts, or an etcd cluster
+//! (`--rdzv-backend etcd`), which no node hosts. A failure on any node ends the round on every
 //! node, each stops its workers and joins the next round, whose workers resume from the newest
-//! checkpoint, up to `--max-restarts` rounds for the whole job.
+//! checkpoint, up to `--max-restarts` failures for the whole job; with `--nnodes MIN:MAX` a round
+//! may start with fewer nodes, and a node that comes back joins at the next round.
 //!
 //! Exit codes: 0 all workers finished; 2 bad arguments, a launch failure, or a worker that failed
 //! on its configuration or input (exit 2: not restarted, on any node); 130/143 stopped by
@@ -26,8 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kdmcse::dist::contract::{env as worker_env, exit};
-use kdmcse::dist::store::StoreServer;
-use rendezvous::{Ending, Rendezvous};
+use kdmcse::dist::store::{parse_endpoints, StoreAddress, StoreServer};
+use rendezvous::{Ending, NodeRange, Rendezvous, Round};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,12 +46,25 @@ struct Args {
     /// Workers on this node, on the CPU.
     #[arg(long, env = "KDMCSE_NPROC")]
     nproc: Option<usize>,
-    #[arg(long, env = "KDMCSE_NNODES", default_value_t = 1)]
-    nnodes: usize,
-    /// This node's index; defaults to $JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs), else 0.
+    /// Nodes: N, or MIN:MAX for an elastic job (a round starts with MAX, or with at least MIN
+    /// after --rdzv-last-call; needs train.global_batch, so the pool does not change with them).
+    #[arg(long, env = "KDMCSE_NNODES", default_value = "1")]
+    nnodes: String,
+    /// This node's id, below MAX; defaults to $JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs),
+    /// else 0. Ranks follow the ids of the nodes in a round.
     #[arg(long)]
     node_rank: Option<usize>,
-    /// Where node 0's launcher hosts the rendezvous store.
+    /// Where the launchers meet: `static` (node 0's launcher hosts the store at --master-addr) or
+    /// `etcd` (the cluster at --rdzv-endpoint; any node may die).
+    #[arg(long, env = "KDMCSE_RDZV_BACKEND", value_enum, default_value_t = Backend::Static)]
+    rdzv_backend: Backend,
+    /// The etcd client endpoints, HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "KDMCSE_RDZV_ENDPOINT", required_if_eq("rdzv_backend", "etcd"))]
+    rdzv_endpoint: Option<String>,
+    /// Seconds a round waits for more nodes than MIN once MIN have joined (--nnodes MIN:MAX).
+    #[arg(long, env = "KDMCSE_RDZV_LAST_CALL", default_value_t = 30)]
+    rdzv_last_call: u64,
+    /// Where node 0's launcher hosts the static rendezvous store.
     #[arg(long, default_value = "127.0.0.1", conflicts_with = "standalone")]
     master_addr: String,
     #[arg(long, default_value_t = 29500, conflicts_with = "standalone")]
@@ -58,9 +73,10 @@ struct Args {
     #[arg(long, conflicts_with_all = ["nnodes", "node_rank"])]
     standalone: bool,
     /// The run's id: every rendezvous key is prefixed by it (and by the round).
-    #[arg(long, default_value = "kdmcse")]
+    #[arg(long, env = "KDMCSE_RDZV_ID", default_value = "kdmcse")]
     rdzv_id: String,
-    /// Rounds after the first, for the whole job: each failure anywhere ends a round.
+    /// Restarts for the whole job: each failure anywhere ends a round (a membership change does
+    /// not count).
     #[arg(long, default_value_t = 0)]
     max_restarts: u64,
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
@@ -79,6 +95,12 @@ struct Args {
     /// `kdmcse train` arguments (after `--`).
     #[arg(last = true)]
     train_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Static,
+    Etcd,
 }
 
 static SIGNAL: AtomicUsize = AtomicUsize::new(0);
@@ -111,8 +133,9 @@ fn worker_binary() -> PathBuf {
 
 struct Plan {
     local_world: usize,
-    node_rank: usize,
-    world_size: usize,
+    /// This node's id.
+    node: usize,
+    nodes: NodeRange,
     /// With `--gpus`: each local rank's `CUDA_VISIBLE_DEVICES`.
     gpus: Option<Vec<String>>,
     worker_args: Vec<String>,
@@ -143,9 +166,10 @@ fn plan(args: &Args) -> Result<Plan> {
         (Some(n), _) | (None, Some(n)) => n,
         (None, None) => bail!("say how many workers: --gpus N or --nproc N"),
     };
-    if local_world == 0 || args.nnodes == 0 {
-        bail!("--gpus/--nproc and --nnodes must be at least 1");
+    if local_world == 0 {
+        bail!("--gpus/--nproc must be at least 1");
     }
+    let nodes = NodeRange::parse(&args.nnodes, Duration::from_secs(args.rdzv_last_call))?;
     let gpus = args.gpus.map(assign_gpus).transpose()?;
     let node_rank = match args.node_rank {
         Some(k) => k,
@@ -156,7 +180,7 @@ fn plan(args: &Args) -> Result<Plan> {
             Err(_) => 0,
         },
     };
-    if node_rank >= args.nnodes {
+    if node_rank >= nodes.max {
         bail!("node rank {node_rank} is not below --nnodes {}", args.nnodes);
     }
     let mut worker_args = vec!["train".to_owned()];
@@ -172,7 +196,7 @@ fn plan(args: &Args) -> Result<Plan> {
     if worker_args.len() == 1 {
         bail!("nothing to run: give --config FILE or `-- <kdmcse train arguments>`");
     }
-    Ok(Plan { local_world, node_rank, world_size: local_world * args.nnodes, gpus, worker_args })
+    Ok(Plan { local_world, node: node_rank, nodes, gpus, worker_args })
 }
 
 /// `--resume auto` for restarts (replacing any other `--resume`), so the group continues from
@@ -209,10 +233,9 @@ fn wait_for_master(addr: &str, port: u16, wait: Duration) -> Result<()> {
 
 /// Where the workers find the rendezvous store, and which round they belong to.
 struct GroupEnv<'a> {
-    store_host: &'a str,
-    store_port: u16,
+    store: &'a StoreAddress,
     run_id: &'a str,
-    round: u64,
+    round: &'a Round,
     log_dir: Option<&'a Path>,
 }
 
@@ -236,22 +259,26 @@ fn spawn_group(plan: &Plan, env: &GroupEnv, worker_args: &[String]) -> Result<Ve
     let bin = worker_binary();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut children = Vec::with_capacity(plan.local_world);
+    let (group_rank, world_size) =
+        (env.round.position(plan.node), env.round.members.len() * plan.local_world);
     for local_rank in 0..plan.local_world {
-        let rank = plan.node_rank * plan.local_world + local_rank;
+        let rank = group_rank * plan.local_world + local_rank;
         let mut cmd = Command::new(&bin);
         cmd.args(worker_args)
             .env(worker_env::RANK, rank.to_string())
-            .env(worker_env::WORLD_SIZE, plan.world_size.to_string())
+            .env(worker_env::WORLD_SIZE, world_size.to_string())
             .env(worker_env::LOCAL_RANK, local_rank.to_string())
             .env(worker_env::LOCAL_WORLD_SIZE, plan.local_world.to_string())
-            .env(worker_env::GROUP_RANK, plan.node_rank.to_string())
-            .env(worker_env::MASTER_ADDR, env.store_host)
-            .env(worker_env::MASTER_PORT, env.store_port.to_string())
+            .env(worker_env::GROUP_RANK, group_rank.to_string())
+            .envs(env.store.to_env())
             .env(worker_env::RUN_ID, env.run_id)
-            .env(worker_env::ROUND, env.round.to_string())
+            .env(worker_env::ROUND, env.round.number.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if plan.nodes.is_elastic() {
+            cmd.env(worker_env::ELASTIC, "1");
+        }
         if let Some(gpus) = &plan.gpus {
             cmd.env("CUDA_VISIBLE_DEVICES", &gpus[local_rank]).env(worker_env::LAUNCHED_GPUS, "1");
         }
@@ -267,7 +294,7 @@ fn spawn_group(plan: &Plan, env: &GroupEnv, worker_args: &[String]) -> Result<Ve
                 Ok(())
             });
         }
-        let log = match env.log_dir.map(|dir| open_log(dir, env.round, rank)).transpose() {
+        let log = match env.log_dir.map(|dir| open_log(dir, env.round.number, rank)).transpose() {
             Ok(log) => log,
             Err(err) => {
                 stop_group(&mut children, Duration::from_secs(0));
@@ -384,7 +411,7 @@ fn exit_times(children: &[Child]) -> Arc<Mutex<Vec<Option<Instant>>>> {
 /// `round_ended` reports that another node ended the round.
 fn watch(
     children: &mut [Child],
-    node_rank: usize,
+    first_rank: usize,
     stop_grace: Duration,
     round_ended: &mut dyn FnMut() -> Option<Ending>,
 ) -> GroupOutcome {
@@ -420,7 +447,7 @@ fn watch(
             }
         }
         if let Some((_, local_rank, status)) = first_failure {
-            let rank = node_rank * local_world + local_rank;
+            let rank = first_rank + local_rank;
             eprintln!("[launcher] rank {rank} failed with {}: stopping the other workers", describe(status));
             stop_group(children, stop_grace);
             return GroupOutcome::Failed { rank, status };
@@ -440,14 +467,20 @@ fn watch(
 fn run(args: Args) -> Result<i32> {
     let plan = plan(&args)?;
     forward_signals()?;
-    let (store, store_host, store_port) = start_store(&args, &plan)?;
+    let (server, address) = start_store(&args, &plan)?;
     let timeout = kdmcse::dist::timeout_from_env()?;
-    let addr = format!("{store_host}:{store_port}");
-    let mut rdzv = Rendezvous::connect(&addr, &args.rdzv_id, plan.node_rank, args.nnodes, timeout)
-        .with_context(|| format!("node {}: cannot join the job", plan.node_rank))?;
-    let job = Job { args: &args, plan: &plan, store_host: &store_host, store_port };
-    let code = job.run(&mut rdzv)?;
-    drop(store);
+    let job = Job { args: &args, plan: &plan, address: &address };
+    // The store may be down or the other nodes late: a restart can help (exit 1, not 2).
+    let code = match Rendezvous::connect(&address, &args.rdzv_id, plan.node, plan.nodes, timeout)
+        .and_then(|mut rdzv| job.run(&mut rdzv))
+    {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("[launcher] node {}: rendezvous failed ({address}): {err:#}", plan.node);
+            exit::FAILURE
+        }
+    };
+    drop(server);
     Ok(code)
 }
 
@@ -472,91 +505,106 @@ fn forward_signals() -> Result<()> {
 struct Job<'a> {
     args: &'a Args,
     plan: &'a Plan,
-    store_host: &'a str,
-    store_port: u16,
+    address: &'a StoreAddress,
 }
 
 impl Job<'_> {
     /// Joins round after round until the job ends: every worker finished, a stop signal, an input
-    /// error, or a failure with no restart left. Returns the launcher's exit code.
+    /// error, or a failure with no restart left. Returns the launcher's exit code; an error is a
+    /// rendezvous that failed.
     fn run(&self, rdzv: &mut Rendezvous) -> Result<i32> {
-        let (args, max_restarts) = (self.args, self.args.max_restarts);
-        let mut round = 0;
+        let max_restarts = self.args.max_restarts;
+        let mut next = 0;
         loop {
-            round = rdzv.join(round)?;
-            if round > max_restarts {
-                eprintln!("[launcher] the job is at round {round}: no restart is left (--max-restarts {max_restarts})");
+            let Some(round) = rdzv.join(next)? else {
+                eprintln!("[launcher] node {}: the job has finished: nothing to join", self.plan.node);
+                return Ok(0);
+            };
+            let restarts = rdzv.failures_before(round.number)?;
+            if restarts > max_restarts {
+                eprintln!(
+                    "[launcher] the job is at round {} after {restarts} failures: no restart is left (--max-restarts {max_restarts})",
+                    round.number
+                );
                 return Ok(exit::FAILURE);
             }
-            let ending = match self.round(rdzv, round)? {
+            let ending = match self.round(rdzv, &round)? {
                 ControlFlow::Break(code) => return Ok(code),
                 ControlFlow::Continue(ending) => ending,
             };
-            if let Ok(Some(lost)) = rdzv.lost(round) {
-                eprintln!("[launcher] round {round}: {lost}");
+            if let Ok(Some(lost)) = rdzv.lost(round.number) {
+                eprintln!("[launcher] round {}: {lost}", round.number);
             }
             if ending.code == exit::INPUT_ERROR {
                 eprintln!(
-                    "[launcher] round {round} ended on a configuration or input error (exit {}, {}): \
+                    "[launcher] round {} ended on a configuration or input error (exit {}, {}): \
                      restarting cannot help",
+                    round.number,
                     exit::INPUT_ERROR,
                     ending.reason
                 );
                 return Ok(exit::INPUT_ERROR);
             }
-            if round >= max_restarts {
+            if ending.is_failure() && restarts >= max_restarts {
                 eprintln!(
-                    "[launcher] round {round} ended ({}) and no restart is left (--max-restarts {max_restarts})",
-                    ending.reason
+                    "[launcher] round {} ended ({}) and no restart is left (--max-restarts {max_restarts})",
+                    round.number, ending.reason
                 );
                 return Ok(ending.code);
             }
-            round += 1;
+            next = round.number + 1;
+            let why = if ending.is_failure() { "restarting" } else { "changing the nodes" };
             eprintln!(
-                "[launcher] round {} ended ({}): restarting in round {round} of at most {}, resuming from the newest checkpoint",
-                round - 1,
-                ending.reason,
-                args.max_restarts
+                "[launcher] round {} ended ({}): {why} in round {next} ({restarts} of at most {max_restarts} restarts used before), resuming from the newest checkpoint",
+                round.number, ending.reason,
             );
         }
     }
 
     /// Starts this node's workers for `round` and watches them: `Break` with the job's exit code
-    /// when the job ends with the round (it finished, or a signal stopped it), else `Continue`
-    /// with why the round ended.
-    fn round(&self, rdzv: &mut Rendezvous, round: u64) -> Result<ControlFlow<i32, Ending>> {
+    /// when the job ends with the round (it finished, a signal stopped it, the workers could not
+    /// start), else `Continue` with why the round ended.
+    fn round(&self, rdzv: &mut Rendezvous, round: &Round) -> Result<ControlFlow<i32, Ending>> {
         let plan = self.plan;
+        let first_rank = round.position(plan.node) * plan.local_world;
         eprintln!(
-            "[launcher] node {}/{}: round {round}: starting ranks {}..{} of {}",
-            plan.node_rank,
-            self.args.nnodes,
-            plan.node_rank * plan.local_world,
-            (plan.node_rank + 1) * plan.local_world,
-            plan.world_size,
+            "[launcher] node {}: round {}: starting ranks {first_rank}..{} of {} (nodes {:?})",
+            plan.node,
+            round.number,
+            first_rank + plan.local_world,
+            round.members.len() * plan.local_world,
+            round.members,
         );
         // Every round after the first continues the run from its newest checkpoint.
-        let worker_args = if round == 0 { plan.worker_args.clone() } else { resume_auto(&plan.worker_args) };
+        let worker_args =
+            if round.number == 0 { plan.worker_args.clone() } else { resume_auto(&plan.worker_args) };
         let env = GroupEnv {
-            store_host: self.store_host,
-            store_port: self.store_port,
+            store: self.address,
             run_id: &self.args.rdzv_id,
             round,
             log_dir: self.args.log_dir.as_deref(),
         };
-        let mut children = spawn_group(plan, &env, &worker_args)?;
-        let mut round_ended = || match rdzv.ended(round) {
-            Ok(ending) => ending,
+        let mut children = match spawn_group(plan, &env, &worker_args) {
+            Ok(children) => children,
             Err(err) => {
-                Some(Ending { code: exit::FAILURE, reason: format!("lost the rendezvous store: {err:#}") })
+                eprintln!("[launcher] error: {err:#}");
+                let reason = format!("node {} could not start its workers", plan.node);
+                let _ = rdzv.end(round.number, &Ending::failure(exit::INPUT_ERROR, reason));
+                return Ok(ControlFlow::Break(exit::INPUT_ERROR));
             }
         };
+        let mut round_ended = || match rdzv.watch(round) {
+            Ok(ending) => ending,
+            Err(err) => Some(Ending::failure(exit::FAILURE, format!("lost the rendezvous store: {err:#}"))),
+        };
         let grace = Duration::from_secs(self.args.stop_timeout_s);
-        Ok(match watch(&mut children, plan.node_rank, grace, &mut round_ended) {
+        Ok(match watch(&mut children, first_rank, grace, &mut round_ended) {
             GroupOutcome::Finished => match rdzv.finish(round) {
                 Ok(None) => ControlFlow::Break(0),
                 Ok(Some(ending)) => ControlFlow::Continue(ending),
-                // Node 0 waits for every node; the others are done once their workers are.
-                Err(err) if plan.node_rank > 0 => {
+                // With the static store node 0 waits for every node; the others are done once
+                // their workers are.
+                Err(err) if round.position(plan.node) > 0 => {
                     eprintln!("[launcher] {err:#}");
                     ControlFlow::Break(0)
                 }
@@ -564,31 +612,38 @@ impl Job<'_> {
             },
             GroupOutcome::Interrupted(signal) => {
                 let code = exit::stopped_by(signal);
-                let reason = format!("node {}'s launcher got signal {signal}", plan.node_rank);
-                let _ = rdzv.end(round, &Ending { code, reason });
+                let reason = format!("node {}'s launcher got signal {signal}", plan.node);
+                let _ = rdzv.end(round.number, &Ending::failure(code, reason));
                 ControlFlow::Break(code)
             }
             GroupOutcome::Failed { rank, status } => {
                 let code = status.code().filter(|&c| c != 0).unwrap_or(exit::FAILURE);
-                let ending = Ending { code, reason: format!("rank {rank} failed with {}", describe(status)) };
-                rdzv.end(round, &ending)?;
-                ControlFlow::Continue(ending)
+                let reason = format!("rank {rank} failed with {}", describe(status));
+                ControlFlow::Continue(rdzv.end(round.number, &Ending::failure(code, reason))?)
             }
             GroupOutcome::RoundEnded(ending) => ControlFlow::Continue(ending),
         })
     }
 }
 
-/// Node 0 hosts the rendezvous store (on a free loopback port with `--standalone`); the other
-/// nodes wait until node 0's address resolves. Returns the store and where the workers reach it.
-fn start_store(args: &Args, plan: &Plan) -> Result<(Option<StoreServer>, String, u16)> {
+/// With the static backend node 0 hosts the rendezvous store (on a free loopback port with
+/// `--standalone`) and the other nodes wait until node 0's address resolves; with etcd nobody
+/// hosts it. Returns the store this launcher hosts, if any, and where everyone reaches it.
+fn start_store(args: &Args, plan: &Plan) -> Result<(Option<StoreServer>, StoreAddress)> {
     if args.standalone {
+        if args.rdzv_backend == Backend::Etcd {
+            bail!("--standalone hosts its own store: it cannot be combined with --rdzv-backend etcd");
+        }
         let store = StoreServer::start("127.0.0.1:0")?;
         let port = store.addr.port();
         eprintln!("[launcher] standalone: rendezvous store at 127.0.0.1:{port}");
-        return Ok((Some(store), "127.0.0.1".into(), port));
+        return Ok((Some(store), StoreAddress::Tcp(format!("127.0.0.1:{port}"))));
     }
-    let store = if plan.node_rank == 0 {
+    if args.rdzv_backend == Backend::Etcd {
+        let endpoints = parse_endpoints(args.rdzv_endpoint.as_deref().unwrap_or_default())?;
+        return Ok((None, StoreAddress::Etcd(endpoints)));
+    }
+    let store = if plan.node == 0 {
         let bind = format!("0.0.0.0:{}", args.master_port);
         let store = StoreServer::start(&bind).with_context(|| {
             format!("is another job using port {}? give --master-port or --standalone", args.master_port)
@@ -598,5 +653,5 @@ fn start_store(args: &Args, plan: &Plan) -> Result<(Option<StoreServer>, String,
         wait_for_master(&args.master_addr, args.master_port, Duration::from_secs(args.master_wait_s))?;
         None
     };
-    Ok((store, args.master_addr.clone(), args.master_port))
+    Ok((store, StoreAddress::Tcp(format!("{}:{}", args.master_addr, args.master_port))))
 }

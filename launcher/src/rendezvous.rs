@@ -1,21 +1,26 @@
 //! The launchers' rendezvous (torchelastic's agent model): every node's `kdmcse-launch` meets in
-//! numbered rounds on the store the node-0 launcher hosts. A round starts once every node has
-//! joined it; any failure anywhere (a worker's exit, a lost heartbeat, a launcher replaced) ends
-//! it on every node, and each launcher stops its workers and joins the next round. The round
-//! number is the job's restart count.
+//! numbered rounds on the rendezvous store (the static store the node-0 launcher hosts, or etcd).
+//! A round starts with the nodes that joined it: all `MAX` of `--nnodes MIN:MAX`, or at least
+//! `MIN` once `--rdzv-last-call` has passed since `MIN` were there; the first launcher to see that
+//! writes the round's members, and ranks follow their order. Any failure anywhere (a worker's exit,
+//! a lost heartbeat, a launcher whose lease expired, a launcher replaced) ends the round on every
+//! node; so does a node waiting for the next round while this one has fewer than `MAX` (it joins
+//! at that boundary). Each launcher then stops its workers and joins the next round, whose workers
+//! resume from the newest checkpoint.
 //!
-//! Keys (laid out in `kdmcse::dist::contract`), all under `{run id}/`: `round` (the newest
-//! round), and per round K under `r{K}/`: `node/{n}` (node n joined), `ended` (why the round
-//! ended: `"{exit code} {reason}"`), `done/{n}` (node n's workers finished) and the workers' own
-//! keys (`tcp/`, `hb/`, `lost`).
+//! Keys (laid out in `kdmcse::dist::contract`), per round K under `{run id}/r{K}/`: `node/{n}`
+//! (node n joined; it lives as long as that launcher), `members` (who the round started with),
+//! `ended` (why the round ended: `"{exit code} {reason}"`, code 0 for a membership change),
+//! `done/{n}` (node n's workers finished) and the workers' own keys (`tcp/`, `hb/`, `lost`).
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use kdmcse::dist::contract::{exit, newest_round_key, RoundKeys};
-use kdmcse::dist::store::StoreClient;
+use anyhow::{bail, Result};
+use kdmcse::dist::contract::{exit, RoundKeys};
+use kdmcse::dist::store::{Keep, Store, StoreAddress};
 
-/// Why a round ended: the exit code the job would end with, and what happened.
+/// Why a round ended: the exit code the job would end with (0: not a failure, the membership
+/// changes), and what happened.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ending {
     pub code: i32,
@@ -23,6 +28,28 @@ pub struct Ending {
 }
 
 impl Ending {
+    pub fn failure(code: i32, reason: String) -> Self {
+        Self { code, reason }
+    }
+
+    /// A round ended to let the membership change: it costs no restart.
+    fn membership(reason: String) -> Self {
+        Self { code: 0, reason }
+    }
+
+    /// The last round: every member's workers finished.
+    fn job_finished() -> Self {
+        Self::membership(JOB_FINISHED.into())
+    }
+
+    fn is_job_finished(&self) -> bool {
+        self.code == 0 && self.reason == JOB_FINISHED
+    }
+
+    pub fn is_failure(&self) -> bool {
+        self.code != 0
+    }
+
     fn encode(&self) -> Vec<u8> {
         format!("{} {}", self.code, self.reason).into_bytes()
     }
@@ -34,128 +61,286 @@ impl Ending {
     }
 }
 
+/// How many nodes a round may start with (`--nnodes N` or `MIN:MAX`), and how long to wait for
+/// more than `min` once `min` are there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeRange {
+    pub min: usize,
+    pub max: usize,
+    pub last_call: Duration,
+}
+
+impl NodeRange {
+    /// `N` or `MIN:MAX`.
+    pub fn parse(text: &str, last_call: Duration) -> Result<Self> {
+        let number = |s: &str| {
+            s.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--nnodes {text:?}: give N or MIN:MAX"))
+        };
+        let (min, max) = match text.split_once(':') {
+            Some((min, max)) => (number(min)?, number(max)?),
+            None => (number(text)?, number(text)?),
+        };
+        if min == 0 || min > max {
+            bail!("--nnodes {text:?}: need 1 <= MIN <= MAX");
+        }
+        Ok(Self { min, max, last_call })
+    }
+
+    pub fn is_elastic(&self) -> bool {
+        self.min < self.max
+    }
+}
+
+/// A round that started: its number (the rounds before it, restarts or membership changes) and
+/// the nodes in it, in rank order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Round {
+    pub number: u64,
+    pub members: Vec<usize>,
+}
+
+impl Round {
+    /// Where `node` stands among the members: its `GROUP_RANK`.
+    pub fn position(&self, node: usize) -> usize {
+        self.members.iter().position(|&m| m == node).expect("a member of the round")
+    }
+}
+
+fn encode_members(members: &[usize]) -> Vec<u8> {
+    members.iter().map(usize::to_string).collect::<Vec<_>>().join(",").into_bytes()
+}
+
+fn decode_members(bytes: &[u8]) -> Vec<usize> {
+    String::from_utf8_lossy(bytes).split(',').filter_map(|n| n.parse().ok()).collect()
+}
+
+const JOB_FINISHED: &str = "the job finished";
+
 /// How often a launcher looks at the store while it waits.
 const POLL: Duration = Duration::from_millis(100);
+/// How often a running round checks its members' leases and the nodes waiting for the next one.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Rendezvous {
-    client: StoreClient,
+    store: Box<dyn Store>,
     run: String,
     node: usize,
-    nnodes: usize,
+    nodes: NodeRange,
     timeout: Duration,
+    last_look: Instant,
 }
 
 impl Rendezvous {
-    /// Connects to the store at `addr` for node `node` of `nnodes` of run `run`; `timeout`
-    /// bounds every wait for the other nodes.
-    pub fn connect(addr: &str, run: &str, node: usize, nnodes: usize, timeout: Duration) -> Result<Self> {
-        let client = StoreClient::connect(addr, timeout)?;
-        Ok(Self { client, run: run.to_owned(), node, nnodes, timeout })
+    /// Connects to the store at `address` for node `node` of run `run`; `timeout` bounds every
+    /// wait for the other nodes.
+    pub fn connect(
+        address: &StoreAddress,
+        run: &str,
+        node: usize,
+        nodes: NodeRange,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let store = address.connect(timeout)?;
+        Ok(Self { store, run: run.to_owned(), node, nodes, timeout, last_look: Instant::now() })
     }
 
     fn keys(&self, round: u64) -> RoundKeys {
         RoundKeys::new(&self.run, round)
     }
 
-    fn newest_round(&mut self) -> Result<u64> {
-        let key = newest_round_key(&self.run);
-        Ok(self.client.check(&key)?.and_then(|v| String::from_utf8_lossy(&v).parse().ok()).unwrap_or(0))
+    fn members(&mut self, round: u64) -> Result<Option<Vec<usize>>> {
+        Ok(self.store.check(&self.keys(round).members())?.map(|m| decode_members(&m)))
     }
 
-    /// Joins the newest round not before `round` and waits until every node has joined it;
-    /// returns its number. A round this node already joined (its earlier launcher is gone: this
-    /// one replaces it) is ended, and so is skipped, as is one that ended before it started.
-    pub fn join(&mut self, mut round: u64) -> Result<u64> {
+    /// The restarts the job used before `round`: the rounds that ended by a failure.
+    pub fn failures_before(&mut self, round: u64) -> Result<u64> {
+        let mut failures = 0;
+        for earlier in 0..round {
+            failures += u64::from(self.ended(earlier)?.is_some_and(|e| e.is_failure()));
+        }
+        Ok(failures)
+    }
+
+    /// Joins the first round from `round` on that is still open and waits until it starts with
+    /// this node; returns it, or `None` when the job finished first. A running round that counts
+    /// this node (its earlier launcher is gone: this one replaces it) is ended, and so is skipped,
+    /// as is one that ended before it started or started without this node.
+    pub fn join(&mut self, mut round: u64) -> Result<Option<Round>> {
         loop {
-            let newest = self.newest_round()?;
-            round = round.max(newest);
-            if self.client.check(&self.keys(round).node_joined(self.node))?.is_some() {
-                let reason = format!("node {} rejoined (a replacement launcher)", self.node);
-                self.end(round, &Ending { code: exit::FAILURE, reason })?;
-            }
-            if self.ended(round)?.is_some() {
+            if let Some(ending) = self.ended(round)? {
+                if ending.is_job_finished() {
+                    return Ok(None);
+                }
                 round += 1;
                 continue;
             }
-            if round > newest {
-                self.client.set(&newest_round_key(&self.run), round.to_string().as_bytes())?;
+            let members = self.members(round)?;
+            let replaced = match &members {
+                Some(members) => members.contains(&self.node),
+                None => self.store.check(&self.keys(round).node_joined(self.node))?.is_some(),
+            };
+            if replaced {
+                let reason = format!("node {} rejoined (a replacement launcher)", self.node);
+                self.end(round, &Ending::failure(exit::FAILURE, reason))?;
+                round += 1;
+                continue;
+            }
+            if let Some(members) = members {
+                // A round that started without this node: it waits in the next one, unless
+                // nobody is left in this one to end it.
+                if self.absent(round, &members)?.len() == members.len() {
+                    let reason = format!("every node of round {round} was lost");
+                    self.end(round, &Ending::failure(exit::FAILURE, reason))?;
+                }
+                round += 1;
+                continue;
             }
             let me = format!("pid {}", std::process::id());
-            self.client.set(&self.keys(round).node_joined(self.node), me.as_bytes())?;
-            if self.wait_for_nodes(round)? {
-                return Ok(round);
+            self.store.set(&self.keys(round).node_joined(self.node), me.as_bytes(), Keep::WhileAlive)?;
+            match self.wait_for_members(round)? {
+                Some(members) if members.contains(&self.node) => {
+                    self.last_look = Instant::now();
+                    return Ok(Some(Round { number: round, members }));
+                }
+                None if self.finished_before(round)? => return Ok(None),
+                _ => round += 1,
             }
-            round += 1;
         }
     }
 
-    /// Waits until every node joined `round` (true) or the round ended first (false).
-    fn wait_for_nodes(&mut self, round: u64) -> Result<bool> {
+    /// Waits until `round` has its members (`Some`), or ended first or the job finished in the
+    /// round before it (`None`); writes the members when this node is the first to see enough.
+    fn wait_for_members(&mut self, round: u64) -> Result<Option<Vec<usize>>> {
         let deadline = Instant::now() + self.timeout;
+        let mut enough_since: Option<Instant> = None;
         loop {
-            let missing = self.nodes_without(round, RoundKeys::node_joined)?;
-            if missing.is_empty() {
-                return Ok(true);
+            if let Some(members) = self.members(round)? {
+                return Ok(Some(members));
             }
-            if self.ended(round)?.is_some() {
-                return Ok(false);
+            let previous = if round == 0 { None } else { self.ended(round - 1)? };
+            if self.ended(round)?.is_some() || previous.as_ref().is_some_and(Ending::is_job_finished) {
+                return Ok(None);
+            }
+            let joined = self.nodes_with(round, RoundKeys::node_joined, 0..self.nodes.max)?;
+            // The last call starts once the round before has ended, so that its nodes, still
+            // stopping their workers, are waited for.
+            let previous_over = round == 0 || previous.is_some();
+            let enough = joined.len() >= self.nodes.min && previous_over;
+            enough_since = enough.then(|| enough_since.unwrap_or_else(Instant::now));
+            if joined.len() == self.nodes.max
+                || enough_since.is_some_and(|t| t.elapsed() >= self.nodes.last_call)
+            {
+                self.store.create(&self.keys(round).members(), &encode_members(&joined))?;
+                continue;
             }
             if Instant::now() >= deadline {
+                let missing: Vec<usize> = (0..self.nodes.max).filter(|n| !joined.contains(n)).collect();
                 bail!(
-                    "rendezvous of round {round} timed out after {:?}: node(s) {missing:?} never joined",
-                    self.timeout
+                    "rendezvous of round {round} timed out after {:?}: {} of at least {} node(s) joined; node(s) {missing:?} never joined",
+                    self.timeout,
+                    joined.len(),
+                    self.nodes.min
                 );
             }
             std::thread::sleep(POLL);
         }
     }
 
-    /// The nodes whose key `key(node)` of `round` is not set yet.
-    fn nodes_without(&mut self, round: u64, key: fn(&RoundKeys, usize) -> String) -> Result<Vec<usize>> {
+    /// The nodes of `candidates` whose key `key(node)` of `round` is set.
+    fn nodes_with(
+        &mut self,
+        round: u64,
+        key: fn(&RoundKeys, usize) -> String,
+        candidates: impl IntoIterator<Item = usize>,
+    ) -> Result<Vec<usize>> {
         let keys = self.keys(round);
-        let mut missing = Vec::new();
-        for node in 0..self.nnodes {
-            if self.client.check(&key(&keys, node))?.is_none() {
-                missing.push(node);
+        let mut set = Vec::new();
+        for node in candidates {
+            if self.store.check(&key(&keys, node))?.is_some() {
+                set.push(node);
             }
         }
-        Ok(missing)
+        Ok(set)
+    }
+
+    /// The `members` of `round` whose launcher is gone (its key expired) before their workers
+    /// finished.
+    fn absent(&mut self, round: u64, members: &[usize]) -> Result<Vec<usize>> {
+        let present = self.nodes_with(round, RoundKeys::node_joined, members.to_vec())?;
+        let done = self.nodes_with(round, RoundKeys::node_done, members.to_vec())?;
+        Ok(members.iter().copied().filter(|n| !present.contains(n) && !done.contains(n)).collect())
+    }
+
+    /// Whether the job finished in the round before `round`: a node that comes now has nothing
+    /// to join.
+    fn finished_before(&mut self, round: u64) -> Result<bool> {
+        Ok(round > 0 && self.ended(round - 1)?.is_some_and(|e| e.is_job_finished()))
     }
 
     /// Why `round` ended, if it has.
     pub fn ended(&mut self, round: u64) -> Result<Option<Ending>> {
-        Ok(self.client.check(&self.keys(round).ended())?.map(|v| Ending::decode(&v)))
+        Ok(self.store.check(&self.keys(round).ended())?.map(|v| Ending::decode(&v)))
     }
 
-    /// Ends `round` for every node (the first reason stays).
-    pub fn end(&mut self, round: u64, ending: &Ending) -> Result<()> {
-        if self.ended(round)?.is_none() {
-            self.client.set(&self.keys(round).ended(), &ending.encode())?;
+    /// Ends `round` for every node; the first reason stays, and is returned.
+    pub fn end(&mut self, round: u64, ending: &Ending) -> Result<Ending> {
+        Ok(Ending::decode(&self.store.create(&self.keys(round).ended(), &ending.encode())?))
+    }
+
+    /// Whether the running `round` has ended, or now ends: a member's launcher lost (its key
+    /// expired before its workers finished), or a node waiting for the next round while this one
+    /// has room. Cheap between looks (every [`LOOK_EVERY`]).
+    pub fn watch(&mut self, round: &Round) -> Result<Option<Ending>> {
+        if let Some(ending) = self.ended(round.number)? {
+            return Ok(Some(ending));
         }
-        Ok(())
+        if self.last_look.elapsed() < LOOK_EVERY {
+            return Ok(None);
+        }
+        self.last_look = Instant::now();
+        if let Some(lost) = self.absent(round.number, &round.members)?.first() {
+            let reason = format!("node {lost}'s launcher was lost (its rendezvous key expired)");
+            return Ok(Some(self.end(round.number, &Ending::failure(exit::FAILURE, reason))?));
+        }
+        if round.members.len() < self.nodes.max {
+            let others = (0..self.nodes.max).filter(|n| !round.members.contains(n));
+            if let Some(&waiting) = self.nodes_with(round.number + 1, RoundKeys::node_joined, others)?.first()
+            {
+                let reason = format!("node {waiting} is waiting to join");
+                return Ok(Some(self.end(round.number, &Ending::membership(reason))?));
+            }
+        }
+        Ok(None)
     }
 
     /// A worker watchdog's verdict on a lost rank in `round`, if one was given.
     pub fn lost(&mut self, round: u64) -> Result<Option<String>> {
-        Ok(self.client.check(&self.keys(round).lost())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.store.check(&self.keys(round).lost())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Records that this node's workers finished `round`, then waits until every node's have
-    /// (`None`) or the round ended (`Some`). Node 0 hosts the store, so it is the last to go.
-    pub fn finish(&mut self, round: u64) -> Result<Option<Ending>> {
-        self.client.set(&self.keys(round).node_done(self.node), b"")?;
+    /// Records that this node's workers finished `round`, then waits until every member's have
+    /// (`None`) or the round ended (`Some`). With the static store, node 0 hosts it, so it is the
+    /// last to go.
+    pub fn finish(&mut self, round: &Round) -> Result<Option<Ending>> {
+        self.store.create(&self.keys(round.number).node_done(self.node), b"")?;
         let deadline = Instant::now() + self.timeout;
         loop {
-            let waiting = self.nodes_without(round, RoundKeys::node_done)?;
-            if waiting.is_empty() {
+            let done = self.nodes_with(round.number, RoundKeys::node_done, round.members.clone())?;
+            if done.len() == round.members.len() {
+                // A node that comes now finds the job over, not a round it must wait out.
+                self.end(round.number, &Ending::job_finished())?;
                 return Ok(None);
             }
-            if let Some(ending) = self.ended(round)? {
+            if let Some(ending) = self.ended(round.number)? {
                 return Ok(Some(ending));
             }
             if Instant::now() >= deadline {
-                return Err(anyhow::anyhow!("node(s) {waiting:?} did not finish within {:?}", self.timeout))
-                    .context("this node's workers finished");
+                let waiting: Vec<usize> =
+                    round.members.iter().copied().filter(|n| !done.contains(n)).collect();
+                bail!(
+                    "this node's workers finished, but node(s) {waiting:?} did not within {:?}",
+                    self.timeout
+                );
             }
             std::thread::sleep(POLL);
         }
@@ -167,8 +352,24 @@ mod tests {
     use super::*;
     use kdmcse::dist::store::StoreServer;
 
-    fn node(addr: &str, n: usize) -> Rendezvous {
-        Rendezvous::connect(addr, "job", n, 2, Duration::from_secs(5)).unwrap()
+    fn nodes(min: usize, max: usize) -> NodeRange {
+        NodeRange { min, max, last_call: Duration::from_millis(300) }
+    }
+
+    fn node(addr: &str, n: usize, range: NodeRange) -> Rendezvous {
+        let address = StoreAddress::Tcp(addr.to_owned());
+        Rendezvous::connect(&address, "job", n, range, Duration::from_secs(5)).unwrap()
+    }
+
+    fn wait_ended(rdzv: &mut Rendezvous, round: &Round) -> Ending {
+        let started = Instant::now();
+        loop {
+            if let Some(ending) = rdzv.watch(round).unwrap() {
+                return ending;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "round {} never ended", round.number);
+            std::thread::sleep(POLL);
+        }
     }
 
     #[test]
@@ -177,42 +378,81 @@ mod tests {
         let addr = server.addr.to_string();
         let joiner = {
             let addr = addr.clone();
-            std::thread::spawn(move || node(&addr, 1).join(0).unwrap())
+            std::thread::spawn(move || node(&addr, 1, nodes(2, 2)).join(0).unwrap().unwrap())
         };
-        let mut zero = node(&addr, 0);
-        assert_eq!(zero.join(0).unwrap(), 0);
-        assert_eq!(joiner.join().unwrap(), 0);
+        let mut zero = node(&addr, 0, nodes(2, 2));
+        let first = zero.join(0).unwrap().unwrap();
+        assert_eq!(first, Round { number: 0, members: vec![0, 1] });
+        assert_eq!(joiner.join().unwrap(), first);
 
         // Node 1's launcher is replaced: the new one ends round 0 and waits in round 1.
         let replacement = {
             let addr = addr.clone();
-            std::thread::spawn(move || node(&addr, 1).join(0).unwrap())
+            std::thread::spawn(move || node(&addr, 1, nodes(2, 2)).join(0).unwrap().unwrap())
         };
-        let started = Instant::now();
-        let ending = loop {
-            if let Some(ending) = zero.ended(0).unwrap() {
-                break ending;
-            }
-            assert!(started.elapsed() < Duration::from_secs(5), "round 0 never ended");
-            std::thread::sleep(POLL);
-        };
-        assert_eq!(ending, Ending { code: 1, reason: "node 1 rejoined (a replacement launcher)".into() });
-        assert_eq!(zero.join(1).unwrap(), 1);
-        assert_eq!(replacement.join().unwrap(), 1);
+        let ending = wait_ended(&mut zero, &first);
+        assert_eq!(ending, Ending::failure(1, "node 1 rejoined (a replacement launcher)".into()));
+        let second = zero.join(1).unwrap().unwrap();
+        assert_eq!(second.number, 1);
+        assert_eq!(replacement.join().unwrap(), second);
 
         // The first reason stays; finishing waits for every node.
-        zero.end(1, &Ending { code: 2, reason: "rank 0 failed with exit code 2".into() }).unwrap();
-        zero.end(1, &Ending { code: 1, reason: "later".into() }).unwrap();
+        zero.end(1, &Ending::failure(2, "rank 0 failed with exit code 2".into())).unwrap();
+        zero.end(1, &Ending::failure(1, "later".into())).unwrap();
         assert_eq!(zero.ended(1).unwrap().unwrap().code, 2);
-        let mut one = node(&addr, 1);
-        assert_eq!(one.finish(1).unwrap().unwrap().code, 2, "a finished node still sees the round end");
+        let mut one = node(&addr, 1, nodes(2, 2));
+        assert_eq!(one.finish(&second).unwrap().unwrap().code, 2, "a finished node still sees the round end");
+        assert_eq!(one.failures_before(2).unwrap(), 2);
+    }
+
+    #[test]
+    fn an_elastic_round_starts_with_min_after_the_last_call_and_a_newcomer_joins_at_the_next() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let mut one = node(&addr, 1, nodes(1, 2));
+        let started = Instant::now();
+        let alone = one.join(0).unwrap().unwrap();
+        assert_eq!(alone, Round { number: 0, members: vec![1] });
+        assert_eq!(alone.position(1), 0, "ranks follow the members, not the node ids");
+        assert!(started.elapsed() >= Duration::from_millis(300), "the last call was not waited for");
+
+        // Node 0 arrives: round 0 is closed to it, it waits in round 1, and round 0 ends for it
+        // without counting as a failure.
+        let newcomer = {
+            let addr = addr.clone();
+            std::thread::spawn(move || node(&addr, 0, nodes(1, 2)).join(0).unwrap().unwrap())
+        };
+        let ending = wait_ended(&mut one, &alone);
+        assert_eq!(ending, Ending::membership("node 0 is waiting to join".into()));
+        let both = one.join(1).unwrap().unwrap();
+        assert_eq!(both, Round { number: 1, members: vec![0, 1] });
+        assert_eq!(newcomer.join().unwrap(), both);
+        assert_eq!(one.failures_before(1).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_node_that_comes_after_the_job_finished_has_nothing_to_join() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let mut one = node(&addr, 1, nodes(1, 2));
+        let alone = one.join(0).unwrap().unwrap();
+        // Node 0 waits in round 1 while round 0 finishes; one that comes later finds it over.
+        let waiting = {
+            let addr = addr.clone();
+            std::thread::spawn(move || node(&addr, 0, nodes(1, 2)).join(0).unwrap())
+        };
+        std::thread::sleep(POLL * 3);
+        assert_eq!(one.finish(&alone).unwrap(), None);
+        assert_eq!(waiting.join().unwrap(), None);
+        assert_eq!(node(&addr, 0, nodes(1, 2)).join(0).unwrap(), None);
     }
 
     #[test]
     fn a_node_that_never_comes_is_named() {
         let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let address = StoreAddress::Tcp(server.addr.to_string());
         let mut zero =
-            Rendezvous::connect(&server.addr.to_string(), "job", 0, 3, Duration::from_millis(300)).unwrap();
+            Rendezvous::connect(&address, "job", 0, nodes(3, 3), Duration::from_millis(300)).unwrap();
         let err = zero.join(0).unwrap_err().to_string();
         assert!(err.contains("node(s) [1, 2] never joined"), "{err}");
     }

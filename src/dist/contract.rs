@@ -10,9 +10,16 @@ pub mod env {
     pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
     /// The node's index.
     pub const GROUP_RANK: &str = "GROUP_RANK";
-    /// Where the rendezvous store is.
+    /// Where the static rendezvous store is.
     pub const MASTER_ADDR: &str = "MASTER_ADDR";
     pub const MASTER_PORT: &str = "MASTER_PORT";
+    /// The rendezvous backend: `static` (the default: `MASTER_ADDR:MASTER_PORT`) or `etcd`.
+    pub const RDZV_BACKEND: &str = "KDMCSE_RDZV_BACKEND";
+    /// The etcd endpoints, `host:port[,host:port...]`.
+    pub const RDZV_ENDPOINT: &str = "KDMCSE_RDZV_ENDPOINT";
+    /// Set when the launchers' node count is a range (`--nnodes MIN:MAX`): the world size may
+    /// change from one round to the next.
+    pub const ELASTIC: &str = "KDMCSE_ELASTIC";
     /// The run id (`--rdzv-id`) that prefixes the round's keys ([`super::RoundKeys`]).
     pub const RUN_ID: &str = "KDMCSE_RUN_ID";
     /// The launchers' rendezvous round: the job's restart count (0 on the first start).
@@ -40,11 +47,6 @@ pub mod exit {
     }
 }
 
-/// The run's key for the newest round, `{run}/round`.
-pub fn newest_round_key(run: &str) -> String {
-    format!("{run}/round")
-}
-
 /// The store keys of one worker group: everything under `{run}/r{round}/`, so that a group never
 /// meets the keys of an earlier round or of another run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +71,11 @@ impl RoundKeys {
     /// Node `node`'s launcher joined the round (its pid).
     pub fn node_joined(&self, node: usize) -> String {
         self.key(format_args!("node/{node}"))
+    }
+
+    /// The nodes the round started with, in rank order (`"0,1,3"`), written once.
+    pub fn members(&self) -> String {
+        self.key(format_args!("members"))
     }
 
     /// Node `node`'s workers finished.
@@ -110,7 +117,7 @@ mod tests {
     #[test]
     fn keys_of_a_round_sit_under_the_run_and_round() {
         let keys = RoundKeys::new("job", 3);
-        assert_eq!(newest_round_key("job"), "job/round");
+        assert_eq!(keys.members(), "job/r3/members");
         assert_eq!(keys.node_joined(1), "job/r3/node/1");
         assert_eq!(keys.node_done(0), "job/r3/done/0");
         assert_eq!(keys.ended(), "job/r3/ended");

@@ -9,6 +9,7 @@
 //! engine for real GPU runs, chosen when the trainer's device is a GPU.
 
 pub mod contract;
+pub mod etcd;
 pub mod flight;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -214,33 +215,40 @@ pub fn init_from_env(
     if rank >= world_size {
         anyhow::bail!("RANK={rank} is not below WORLD_SIZE={world_size}");
     }
-    let master = std::env::var(env::MASTER_ADDR).context("WORLD_SIZE is set but MASTER_ADDR is not")?;
-    let port = env_usize(env::MASTER_PORT)?.context("WORLD_SIZE is set but MASTER_PORT is not")?;
+    let address = store::StoreAddress::from_env()?;
     let timeout = timeout_from_env()?;
     let rdzv = rendezvous_from_env(rank)?;
-    let server =
-        if rdzv.host_store { Some(store::StoreServer::start(&format!("0.0.0.0:{port}"))?) } else { None };
-    let master_addr = format!("{master}:{port}");
-    let mut client = store::StoreClient::connect(&master_addr, timeout)
-        .with_context(|| format!("rank {rank}: cannot join the job"))?;
-    let ip = advertise_ip(&master_addr)?;
+    let server = match (&address, rdzv.host_store) {
+        (store::StoreAddress::Tcp(addr), true) => {
+            let port = addr.rsplit_once(':').map_or("", |(_, port)| port);
+            Some(store::StoreServer::start(&format!("0.0.0.0:{port}"))?)
+        }
+        _ => None,
+    };
+    let mut client = address.connect(timeout).with_context(|| format!("rank {rank}: cannot join the job"))?;
+    let ip = advertise_ip(address.route_target())?;
     let abort = Arc::new(watchdog::Abort::default());
-    let tcp =
-        tcp::TcpCommunicator::connect(&mut client, rank, world_size, &ip, &rdzv.keys, timeout, abort.clone())
-            .with_context(|| format!("rank {rank}: collectives setup failed"))?;
+    let tcp = tcp::TcpCommunicator::connect(
+        client.as_mut(),
+        rank,
+        world_size,
+        &ip,
+        &rdzv.keys,
+        timeout,
+        abort.clone(),
+    )
+    .with_context(|| format!("rank {rank}: collectives setup failed"))?;
     let use_nccl = !device.is_cpu() && (world_size > 1 || nccl == Nccl::Always);
     let comm: Box<dyn Communicator> = if use_nccl {
-        gpu_communicator(&mut client, &rdzv.keys, tcp, device, timeout, &abort)?
+        gpu_communicator(client.as_mut(), &rdzv.keys, tcp, device, timeout, &abort)?
     } else {
         Box::new(tcp)
     };
     let watchdog = (world_size > 1)
-        .then(|| {
-            watchdog::Watchdog::start(&master_addr, &rdzv.keys, rank, world_size, liveness, abort.clone())
-        })
+        .then(|| watchdog::Watchdog::start(&address, &rdzv.keys, rank, world_size, liveness, abort.clone()))
         .transpose()?;
     let backend = if use_nccl { "NCCL" } else { "TCP" };
-    tracing::info!(rank, world_size, %master_addr, backend, round = rdzv.round, "joined the job");
+    tracing::info!(rank, world_size, store = %address, backend, round = rdzv.round, "joined the job");
     crate::events::emit(
         "joined",
         serde_json::json!({
@@ -253,7 +261,7 @@ pub fn init_from_env(
 
 #[cfg(feature = "cuda")]
 fn gpu_communicator(
-    client: &mut store::StoreClient,
+    client: &mut dyn store::Store,
     keys: &contract::RoundKeys,
     tcp: tcp::TcpCommunicator,
     device: &candle_core::Device,
@@ -265,7 +273,7 @@ fn gpu_communicator(
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_communicator(
-    _: &mut store::StoreClient,
+    _: &mut dyn store::Store,
     _: &contract::RoundKeys,
     _: tcp::TcpCommunicator,
     device: &candle_core::Device,

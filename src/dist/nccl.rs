@@ -13,7 +13,7 @@ use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::contract::RoundKeys;
-use super::store::StoreClient;
+use super::store::{Keep, Store};
 use super::tcp::TcpCommunicator;
 use super::watchdog::Abort;
 use super::Communicator;
@@ -44,7 +44,7 @@ impl NcclCommunicator {
     /// Creates the NCCL communicator on `device` (the trainer's CUDA device, so that NCCL runs on
     /// its stream); `control` carries byte messages; `abort` aborts the communicator.
     pub fn connect(
-        store: &mut StoreClient,
+        store: &mut dyn Store,
         keys: &RoundKeys,
         control: TcpCommunicator,
         device: &Device,
@@ -57,7 +57,7 @@ impl NcclCommunicator {
         let id = if rank == 0 {
             let id = Id::new().map_err(nccl_error)?;
             let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
-            store.set(&key, &bytes)?;
+            store.set(&key, &bytes, Keep::WhileAlive)?;
             id
         } else {
             let bytes = store.wait_all("the NCCL id from rank 0", &[(0, key)], timeout)?.remove(0);

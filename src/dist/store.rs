@@ -1,13 +1,16 @@
-//! The rendezvous store: a small TCP key-value store at `MASTER_ADDR:MASTER_PORT` (the role of
-//! PyTorch's `TCPStore`), hosted by the node-0 launcher (which outlives worker groups) or, for
-//! workers started without `kdmcse-launch`, by rank 0. Launchers agree on rounds in it; ranks
-//! publish their collective addresses (and, on GPUs, rank 0 the NCCL unique id) and heartbeats,
-//! and wait for each other's keys; every wait has a deadline and its error says which ranks never
-//! arrived.
+//! The rendezvous store: what launchers and workers need of a key-value store ([`Store`]), where
+//! one is ([`StoreAddress`]), and the `static` backend, a small TCP key-value store at
+//! `MASTER_ADDR:MASTER_PORT` (the role of PyTorch's `TCPStore`) hosted by the node-0 launcher
+//! (which outlives worker groups) or, for workers started without `kdmcse-launch`, by rank 0.
+//! The `etcd` backend ([`super::etcd`]) needs no host: no node is special. Launchers agree on
+//! rounds in the store; ranks publish their collective addresses (and, on GPUs, rank 0 the NCCL
+//! unique id) and heartbeats, and wait for each other's keys; every wait has a deadline and its
+//! error says which ranks never arrived.
 //!
 //! Wire format, both ways: `op: u8, key_len: u32, key, value_len: u32, value` (little endian).
 //! Ops: SET stores a value; GET answers once the key exists (the server parks the request);
-//! CHECK answers at once whether the key exists.
+//! CHECK answers at once whether the key exists; CREATE stores a value unless the key exists and
+//! answers the key's value (the first writer's).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -19,9 +22,138 @@ use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use super::contract::env;
+
 const SET: u8 = 1;
 const GET: u8 = 2;
 const CHECK: u8 = 3;
+const CREATE: u8 = 4;
+
+/// How long a key lives on a store with leases (etcd); the static store keeps every key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Until the writer is gone (its lease expires): liveness, addresses.
+    WhileAlive,
+    /// For the rest of the job: what other processes read after the writer exits.
+    Always,
+}
+
+/// What rendezvous needs of a key-value store. Every call has a deadline; an error means the
+/// store did not answer in time (or is gone).
+pub trait Store: Send {
+    fn set(&mut self, key: &str, value: &[u8], keep: Keep) -> Result<()>;
+
+    /// Sets `key` to `value` unless it is set, and returns its value: the first writer's, for
+    /// the rest of the job. Every caller gets the same answer, which is how launchers agree.
+    fn create(&mut self, key: &str, value: &[u8]) -> Result<Vec<u8>>;
+
+    /// The value of `key` if it is set now.
+    fn check(&mut self, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Waits for the key of every rank in `keys` and returns their values in order. On timeout
+    /// the error lists the ranks whose key never appeared.
+    fn wait_all(&mut self, what: &str, keys: &[(usize, String)], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut values = Vec::with_capacity(keys.len());
+            let mut missing = Vec::new();
+            for (rank, key) in keys {
+                match self.check(key)? {
+                    Some(value) => values.push(value),
+                    None => missing.push(*rank),
+                }
+            }
+            if missing.is_empty() {
+                return Ok(values);
+            }
+            if Instant::now() >= deadline {
+                bail!("rendezvous timed out after {timeout:?} waiting for {what}: rank(s) {missing:?} never arrived");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Where the rendezvous store is (`kdmcse-launch --rdzv-backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAddress {
+    /// The static store at `host:port`.
+    Tcp(String),
+    /// An etcd cluster's client endpoints (`host:port` each).
+    Etcd(Vec<String>),
+}
+
+impl StoreAddress {
+    /// Connects, retrying until `timeout` (the store may still be starting).
+    pub fn connect(&self, timeout: Duration) -> Result<Box<dyn Store>> {
+        Ok(match self {
+            StoreAddress::Tcp(addr) => Box::new(StoreClient::connect(addr, timeout)?),
+            StoreAddress::Etcd(endpoints) => Box::new(super::etcd::EtcdStore::connect(endpoints, timeout)?),
+        })
+    }
+
+    /// Where a launcher's workers find the store: the environment it gives them.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            StoreAddress::Tcp(addr) => {
+                let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
+                vec![(env::MASTER_ADDR, host.to_owned()), (env::MASTER_PORT, port.to_owned())]
+            }
+            StoreAddress::Etcd(endpoints) => {
+                vec![(env::RDZV_BACKEND, "etcd".to_owned()), (env::RDZV_ENDPOINT, endpoints.join(","))]
+            }
+        }
+    }
+
+    /// The store a worker's environment names ([`Self::to_env`]).
+    pub fn from_env() -> Result<Self> {
+        let var =
+            |name: &str| std::env::var(name).with_context(|| format!("WORLD_SIZE is set but {name} is not"));
+        match std::env::var(env::RDZV_BACKEND).as_deref() {
+            Ok("etcd") => Ok(StoreAddress::Etcd(parse_endpoints(&var(env::RDZV_ENDPOINT)?)?)),
+            Ok("static") | Err(_) => {
+                Ok(StoreAddress::Tcp(format!("{}:{}", var(env::MASTER_ADDR)?, var(env::MASTER_PORT)?)))
+            }
+            Ok(other) => {
+                bail!("{}={other:?}: the rendezvous backends are static and etcd", env::RDZV_BACKEND)
+            }
+        }
+    }
+
+    /// An address on the route to the store: the interface that reaches it is the one other
+    /// ranks reach this one at.
+    pub fn route_target(&self) -> &str {
+        match self {
+            StoreAddress::Tcp(addr) => addr,
+            StoreAddress::Etcd(endpoints) => &endpoints[0],
+        }
+    }
+}
+
+/// `host:port[,host:port...]`, as `--rdzv-endpoint` takes them.
+pub fn parse_endpoints(list: &str) -> Result<Vec<String>> {
+    let endpoints: Vec<String> =
+        list.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned).collect();
+    if endpoints.is_empty() {
+        bail!("no etcd endpoint in {list:?}: give HOST:PORT[,HOST:PORT...]");
+    }
+    for endpoint in &endpoints {
+        let port = endpoint.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+        if !matches!(port, Some(Ok(_))) {
+            bail!("etcd endpoint {endpoint:?} is not HOST:PORT");
+        }
+    }
+    Ok(endpoints)
+}
+
+impl std::fmt::Display for StoreAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreAddress::Tcp(addr) => write!(f, "the static store at {addr}"),
+            StoreAddress::Etcd(endpoints) => write!(f, "etcd at {}", endpoints.join(",")),
+        }
+    }
+}
 
 #[derive(Default)]
 struct Shared {
@@ -106,6 +238,11 @@ async fn serve(mut socket: tokio::net::TcpStream, shared: Arc<Shared>) {
                 Some(v) => (0, v.clone()),
                 None => (1, Vec::new()),
             },
+            CREATE => {
+                let first = shared.values.lock().expect("store lock").entry(key).or_insert(value).clone();
+                shared.changed.notify_waiters();
+                (0, first)
+            }
             _ => break,
         };
         let mut out = Vec::with_capacity(5 + reply.1.len());
@@ -182,25 +319,24 @@ impl StoreClient {
         self.stream.read_exact(&mut reply)?;
         Ok((head[0], reply))
     }
+}
 
-    pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
+impl Store for StoreClient {
+    fn set(&mut self, key: &str, value: &[u8], _: Keep) -> Result<()> {
         self.request(SET, key, value, Some(REPLY_TIMEOUT)).map(|_| ())
     }
 
-    /// The value of `key` if it is set now.
-    pub fn check(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn create(&mut self, key: &str, value: &[u8]) -> Result<Vec<u8>> {
+        Ok(self.request(CREATE, key, value, Some(REPLY_TIMEOUT))?.1)
+    }
+
+    fn check(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
         let (status, value) = self.request(CHECK, key, &[], Some(REPLY_TIMEOUT))?;
         Ok((status == 0).then_some(value))
     }
 
-    /// Waits for `key[r]` of every rank `r` in `ranks` and returns their values in order. On
-    /// timeout the error lists the ranks whose key never appeared.
-    pub fn wait_all(
-        &mut self,
-        what: &str,
-        keys: &[(usize, String)],
-        timeout: Duration,
-    ) -> Result<Vec<Vec<u8>>> {
+    /// Parks a GET per key on the server instead of polling.
+    fn wait_all(&mut self, what: &str, keys: &[(usize, String)], timeout: Duration) -> Result<Vec<Vec<u8>>> {
         let deadline = Instant::now() + timeout;
         let mut values = Vec::with_capacity(keys.len());
         for (rank, key) in keys {
@@ -246,10 +382,12 @@ mod tests {
             })
         };
         std::thread::sleep(Duration::from_millis(100));
-        a.set("addr/0", b"10.0.0.1:4000").unwrap();
+        a.set("addr/0", b"10.0.0.1:4000", Keep::WhileAlive).unwrap();
         assert_eq!(waiter.join().unwrap(), vec![b"10.0.0.1:4000".to_vec()]);
         assert_eq!(a.check("nope").unwrap(), None);
-        a.set("addr/2", b"x").unwrap();
+        a.set("addr/2", b"x", Keep::Always).unwrap();
+        assert_eq!(a.create("first", b"a").unwrap(), b"a");
+        assert_eq!(a.create("first", b"b").unwrap(), b"a", "the first writer's value stays");
         let keys: Vec<(usize, String)> = (0..4).map(|r| (r, format!("addr/{r}"))).collect();
         let err = a.wait_all("addresses", &keys, Duration::from_millis(300)).unwrap_err().to_string();
         assert!(err.contains("[1, 3]"), "{err}");

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::contract::RoundKeys;
-use super::store::StoreClient;
+use super::store::{Keep, Store};
 use super::watchdog::Abort;
 use super::{flight, Communicator};
 
@@ -38,7 +38,7 @@ impl TcpCommunicator {
     /// and every later receive; `abort` closes the mesh (every blocked collective then fails with
     /// its verdict).
     pub fn connect(
-        store: &mut StoreClient,
+        store: &mut dyn Store,
         rank: usize,
         world_size: usize,
         advertise_ip: &str,
@@ -50,7 +50,7 @@ impl TcpCommunicator {
             .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
             .context("collectives: cannot open a listening socket")?;
         let port = listener.local_addr()?.port();
-        store.set(&keys.tcp_address(rank), format!("{advertise_ip}:{port}").as_bytes())?;
+        store.set(&keys.tcp_address(rank), format!("{advertise_ip}:{port}").as_bytes(), Keep::WhileAlive)?;
         let keys: Vec<(usize, String)> = (0..world_size).map(|r| (r, keys.tcp_address(r))).collect();
         let addrs = store.wait_all("the collective addresses of every rank", &keys, timeout)?;
         let mut peers: Vec<Option<TcpStream>> = (0..world_size).map(|_| None).collect();
@@ -164,7 +164,7 @@ fn from_bytes(bytes: &[u8], dims: &[usize], dtype: DType, device: &Device) -> Re
 /// a replacement joined the store of a group that is going away (its rank 0 no longer listens,
 /// the store still answers). Retry while that store lives; once it is gone this attempt fails, and
 /// the launcher's restart meets the new group instead of spending every restart on the old one.
-fn connect_peer(store: &mut StoreClient, key: &str, addr: &str, deadline: Instant) -> Result<TcpStream> {
+fn connect_peer(store: &mut dyn Store, key: &str, addr: &str, deadline: Instant) -> Result<TcpStream> {
     const RETRY: Duration = Duration::from_millis(200);
     loop {
         match TcpStream::connect(addr) {

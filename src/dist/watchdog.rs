@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::contract::RoundKeys;
-use super::store::StoreClient;
+use super::store::{Keep, Store, StoreAddress};
 
 /// Heartbeat settings (`[dist]` in the training config).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,23 +74,16 @@ impl Watchdog {
     /// peer (or a store unreachable for `peer_timeout`) aborts through `abort` and is recorded
     /// under the round's `lost` key, where the launchers read it.
     pub fn start(
-        store_addr: &str,
+        store: &StoreAddress,
         keys: &RoundKeys,
         rank: usize,
         world_size: usize,
         liveness: Liveness,
         abort: Arc<Abort>,
     ) -> Result<Self> {
-        let client = StoreClient::connect(store_addr, Duration::from_secs(10))?;
+        let client = store.connect(Duration::from_secs(10))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let beat = Beat {
-            client,
-            store_addr: store_addr.to_owned(),
-            keys: keys.clone(),
-            rank,
-            world_size,
-            liveness,
-        };
+        let beat = Beat { client, store: store.clone(), keys: keys.clone(), rank, world_size, liveness };
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("kdmcse-watchdog".into())
@@ -109,8 +102,8 @@ impl Drop for Watchdog {
 }
 
 struct Beat {
-    client: StoreClient,
-    store_addr: String,
+    client: Box<dyn Store>,
+    store: StoreAddress,
     keys: RoundKeys,
     rank: usize,
     world_size: usize,
@@ -137,8 +130,8 @@ impl Beat {
                 Ok(()) => store_seen = Instant::now(),
                 Err(err) if store_seen.elapsed() > self.liveness.peer_timeout => {
                     let verdict = format!(
-                        "lost the rendezvous store at {} for {:.1} s: {err:#}",
-                        self.store_addr,
+                        "lost the rendezvous store ({}) for {:.1} s: {err:#}",
+                        self.store,
                         store_seen.elapsed().as_secs_f64()
                     );
                     return abort.abort(verdict);
@@ -147,16 +140,17 @@ impl Beat {
             }
             if let Some(verdict) = self.lost_peer(&peers) {
                 tracing::error!("{verdict}");
-                let _ = self.client.set(&self.keys.lost(), verdict.as_bytes());
+                let _ = self.client.create(&self.keys.lost(), verdict.as_bytes());
                 return abort.abort(verdict);
             }
             sleep_unless(stop, self.liveness.heartbeat);
         }
-        let _ = self.client.set(&self.keys.heartbeat(self.rank), DONE);
+        // Kept after this process exits: peers still exporting must not count it as lost.
+        let _ = self.client.set(&self.keys.heartbeat(self.rank), DONE, Keep::Always);
     }
 
     fn beat_and_look(&mut self, count: u64, peers: &mut [Peer]) -> Result<()> {
-        self.client.set(&self.keys.heartbeat(self.rank), &count.to_le_bytes())?;
+        self.client.set(&self.keys.heartbeat(self.rank), &count.to_le_bytes(), Keep::WhileAlive)?;
         for (rank, peer) in peers.iter_mut().enumerate() {
             let Peer::Beating(last, _) = peer else { continue };
             match self.client.check(&self.keys.heartbeat(rank))? {
@@ -190,7 +184,7 @@ impl Beat {
 
     /// A store request that timed out leaves its connection mid-reply: start a new one.
     fn reconnect(&mut self) {
-        if let Ok(client) = StoreClient::connect(&self.store_addr, self.liveness.heartbeat) {
+        if let Ok(client) = self.store.connect(self.liveness.heartbeat) {
             self.client = client;
         }
     }
@@ -211,7 +205,7 @@ fn sleep_unless(stop: &AtomicBool, total: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::store::StoreServer;
+    use crate::dist::store::{StoreClient, StoreServer};
 
     fn fast() -> Liveness {
         Liveness { heartbeat: Duration::from_millis(50), peer_timeout: Duration::from_millis(400) }
@@ -220,7 +214,7 @@ mod tests {
     #[test]
     fn a_silent_peer_is_declared_lost_and_a_finished_one_is_not() {
         let server = StoreServer::start("127.0.0.1:0").unwrap();
-        let addr = server.addr.to_string();
+        let addr = StoreAddress::Tcp(server.addr.to_string());
         let abort = Arc::new(Abort::default());
         let fired = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&fired);
@@ -240,7 +234,7 @@ mod tests {
         let verdict = abort.verdict().expect("rank 2 is declared lost").to_owned();
         assert!(verdict.starts_with("rank 2 was lost: no heartbeat for"), "{verdict}");
         assert!(fired.load(Ordering::SeqCst), "the abort actions ran");
-        let mut client = StoreClient::connect(&addr, Duration::from_secs(1)).unwrap();
+        let mut client = StoreClient::connect(&server.addr.to_string(), Duration::from_secs(1)).unwrap();
         assert_eq!(client.check(&RoundKeys::new("job", 0).lost()).unwrap(), Some(verdict.into_bytes()));
         assert_eq!(client.check(&RoundKeys::new("job", 0).heartbeat(1)).unwrap(), Some(DONE.to_vec()));
         drop(watcher);
@@ -249,7 +243,7 @@ mod tests {
     #[test]
     fn beating_peers_are_not_lost() {
         let server = StoreServer::start("127.0.0.1:0").unwrap();
-        let addr = server.addr.to_string();
+        let addr = StoreAddress::Tcp(server.addr.to_string());
         let aborts: Vec<Arc<Abort>> = (0..2).map(|_| Arc::new(Abort::default())).collect();
         let dogs: Vec<Watchdog> = (0..2)
             .map(|r| {

@@ -202,7 +202,10 @@ impl<'c> Trainer<'c> {
         tracing::info!(checkpoint = %checkpoint.name, step = self.state.step, "resumed");
         crate::events::emit(
             "resumed",
-            serde_json::json!({"rank": self.comm.rank(), "checkpoint": checkpoint.name, "step": self.state.step}),
+            serde_json::json!({
+                "rank": self.comm.rank(), "world_size": self.comm.world_size(),
+                "checkpoint": checkpoint.name, "step": self.state.step,
+            }),
         );
         if self.state.step >= self.total_steps() {
             tracing::warn!(

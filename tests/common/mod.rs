@@ -1,6 +1,7 @@
 //! Shared test helpers: where the shared data, golden files and the MiniLM model are.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod process;
 pub mod s3;
 
