@@ -1,13 +1,21 @@
 //! The KDMCSE objective alone on synthetic embeddings: a pool of 4096 (dim 768, teacher features
 //! 768, margins and the cosine filter on), forward and backward, for the rows one rank computes
 //! when the pool is spread over 1, 2, 4 or 8 ranks (`B_local x pool` logits). Time and peak
-//! resident memory per rank; the collectives are not included. Run with `cargo bench --bench
-//! objective` (scripts/bench-pool runs it after the training runs).
+//! resident memory per rank, beside the time of the objective's matrix products alone (the same
+//! 19 products: 9 forward -- 5 student cosine matrices, 2 teacher similarities, 2 filter scores --
+//! and 2 per student matrix backward) and their ratio; the collectives are not included. Run with
+//! `cargo bench --bench objective` (scripts/bench-pool runs it after the training runs).
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kdmcse::loss::{FilterScore, Grounding, Objective};
+use kdmcse::ops::{matmul, Isa};
+
+// The trainer's allocator, as in training (freed pool-sized matrices are reused, not faulted in
+// again).
+#[global_allocator]
+static GLOBAL: kdmcse::Allocator = mimalloc::MiMalloc;
 
 const POOL: usize = 4096;
 const DIM: usize = 768;
@@ -27,6 +35,7 @@ fn peak_rss_mib(reset: bool) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    kdmcse::keep_freed_memory();
     let device = Device::Cpu;
     let randn = |rows: usize| Tensor::randn(0f32, 1.0, (rows, DIM), &device);
     let objective =
@@ -37,8 +46,15 @@ fn main() -> anyhow::Result<()> {
         Var::from_tensor(&randn(POOL)?)?,
     );
     let (img, cap) = (randn(POOL)?, randn(POOL)?);
-    println!("pool {POOL}, dim {DIM}, threads {}", rayon::current_num_threads());
-    // Fewest rows first, so each case's peak is its own (freed memory may stay mapped).
+    println!(
+        "pool {POOL}, dim {DIM}, threads {}, kernels {:?}",
+        rayon::current_num_threads(),
+        Isa::selected()
+    );
+    // Peaks are counted from the resident memory before the first case, fewest rows first: the
+    // allocator keeps freed memory mapped for reuse, so a case's peak above that base is its own
+    // (each needs more than the one before).
+    let base = peak_rss_mib(true);
     for world in [8usize, 4, 2, 1] {
         let rows = POOL / world;
         let (z1, p1, p2) = (
@@ -46,7 +62,7 @@ fn main() -> anyhow::Result<()> {
             Var::from_tensor(&randn(rows)?)?,
             Var::from_tensor(&randn(rows)?)?,
         );
-        let base = peak_rss_mib(true);
+        peak_rss_mib(true);
         let mut times = Vec::new();
         for _ in 0..3 {
             let start = Instant::now();
@@ -67,11 +83,37 @@ fn main() -> anyhow::Result<()> {
             times.push(start.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
+        let peak = peak_rss_mib(false) - base;
+        let products = matmul_seconds(&z1, &z2)?;
+        let gflop = 19.0 * 2.0 * (rows * POOL * DIM) as f64 / 1e9;
         println!(
-            "{world} rank(s): {rows} x {POOL} rows per rank: {:.3} s forward + backward, peak +{:.0} MiB",
+            "{world} rank(s): {rows} x {POOL} rows per rank: {:.3} s forward + backward, peak +{peak:.0} MiB; \
+             its 19 products alone {products:.3} s ({:.0} GFLOP/s): {:.2}x",
             times[1],
-            peak_rss_mib(false) - base
+            gflop / products,
+            times[1] / products
         );
     }
     Ok(())
+}
+
+/// The median time of the objective's 19 products for `rows` against the pool: 9 of `[rows,
+/// dim] x [dim, pool]`, then for each of the 5 student matrices `[rows, pool] x [pool, dim]` and
+/// `[pool, rows] x [rows, dim]`.
+fn matmul_seconds(rows: &Tensor, pool: &Tensor) -> anyhow::Result<f64> {
+    let cos = matmul(rows, &pool.t()?)?;
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        for _ in 0..9 {
+            matmul(rows, &pool.t()?)?;
+        }
+        for _ in 0..5 {
+            matmul(&cos, pool)?;
+            matmul(&cos.t()?, rows)?;
+        }
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[1])
 }

@@ -12,17 +12,18 @@
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::heads::l2_normalize;
-
-/// Cosines are clamped to this distance from +-1 before the angle is taken (acos has an infinite
-/// derivative at +-1).
-const COS_CLAMP: f64 = 1e-6;
-/// What the reference adds to a filtered negative's logit: it drops out of the softmax.
-const MASKED_LOGIT: f64 = -99999.99;
+use crate::ops::{
+    angular_cross_entropy, angular_cross_entropy_serves, l2_normalize, AngularTerm, COS_CLAMP, MASKED_LOGIT,
+};
 
 /// Cosine similarity matrix `[rows, cols]`.
 pub fn cosine_matrix(rows: &Tensor, cols: &Tensor) -> Result<Tensor> {
-    l2_normalize(rows)?.matmul(&l2_normalize(cols)?.t()?)
+    unit_products(&l2_normalize(rows)?, &l2_normalize(cols)?)
+}
+
+/// `rows x cols^T` of unit vectors: their cosine matrix.
+fn unit_products(rows: &Tensor, cols: &Tensor) -> Result<Tensor> {
+    crate::ops::matmul(rows, &cols.t()?)
 }
 
 /// 1 off the diagonal, 0 at `(i, row_offset + i)`, as f32 `[rows, cols]`.
@@ -87,6 +88,63 @@ pub fn cross_entropy_diagonal(logits: &Tensor, row_offset: usize) -> Result<Tens
     candle_nn::loss::cross_entropy(logits, &targets)
 }
 
+/// One InfoNCE term over the cosines `cos` `[rows, cols]`: the mean over rows of the
+/// cross-entropy of `angular_logits / temp` with target `row_offset + i`, the negatives whose
+/// `filter` score (scores `[rows, cols]`, threshold) exceeds the threshold left out of the
+/// softmax; and how many the filter left out. One fused pass each way where a kernel serves
+/// (f32 on the CPU or CUDA), [`angular_infonce_composed`] elsewhere.
+pub fn angular_infonce(
+    cos: &Tensor,
+    margin: Margin,
+    filter: Option<(&Tensor, f64)>,
+    temp: f64,
+    row_offset: usize,
+) -> Result<(Tensor, usize)> {
+    let term = AngularTerm {
+        temp,
+        margin: margin.base(),
+        similarity: match margin {
+            Margin::Fixed(_) => None,
+            Margin::Adaptive { teacher_similarity, .. } => Some(teacher_similarity.detach()),
+        },
+        filter: filter.map(|(scores, threshold)| (scores.detach(), threshold)),
+        row_offset,
+    };
+    if !angular_cross_entropy_serves(cos, &term) {
+        return angular_infonce_composed(cos, margin, filter, temp, row_offset);
+    }
+    let per_row = angular_cross_entropy(cos, &term)?;
+    let removed = match filter {
+        // Summed in f64: a pool's count can pass f32's exact integers.
+        Some(_) => per_row.narrow(1, 1, 1)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize,
+        None => 0,
+    };
+    Ok((per_row.narrow(1, 0, 1)?.mean_all()?, removed))
+}
+
+/// [`angular_infonce`] from candle's primitives, the reference for the fused kernel.
+pub fn angular_infonce_composed(
+    cos: &Tensor,
+    margin: Margin,
+    filter: Option<(&Tensor, f64)>,
+    temp: f64,
+    row_offset: usize,
+) -> Result<(Tensor, usize)> {
+    let logits = (angular_logits(cos, margin, row_offset)? / temp)?;
+    let Some((scores, threshold)) = filter else {
+        return Ok((cross_entropy_diagonal(&logits, row_offset)?, 0));
+    };
+    let mask = filter_mask(scores, threshold, row_offset)?;
+    let removed = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? as usize;
+    Ok((cross_entropy_diagonal(&(logits + (mask * MASKED_LOGIT)?)?, row_offset)?, removed))
+}
+
+/// f32 `[rows, cols]`, 1 where `scores` exceeds `threshold` off the diagonal.
+fn filter_mask(scores: &Tensor, threshold: f64, row_offset: usize) -> Result<Tensor> {
+    let (rows, cols) = scores.dims2()?;
+    scores.gt(threshold)?.to_dtype(DType::F32)?.mul(&off_diagonal(rows, cols, row_offset, scores.device())?)
+}
+
 /// How the noisy-negative filter scores an (item, item) pair with teacher features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -105,20 +163,18 @@ pub struct NegativeFilter {
 }
 
 impl NegativeFilter {
-    /// f32 `[rows, cols]`, 1 where the negative (row item, column item) is removed: the score of
-    /// `row_features[i]` against `col_features[j]` exceeds the threshold and `j != row_offset + i`.
+    /// f32 `[rows, cols]`: the score of `row_features[i]` against `col_features[j]`.
+    pub fn scores(&self, row_features: &Tensor, col_features: &Tensor) -> Result<Tensor> {
+        match self.score {
+            FilterScore::RawDot => crate::ops::matmul(row_features, &col_features.t()?),
+            FilterScore::Cosine => cosine_matrix(row_features, col_features),
+        }
+    }
+
+    /// f32 `[rows, cols]`, 1 where the negative (row item, column item) is removed: its score
+    /// exceeds the threshold and `j != row_offset + i`.
     pub fn mask(&self, row_features: &Tensor, col_features: &Tensor, row_offset: usize) -> Result<Tensor> {
-        let scores = match self.score {
-            FilterScore::RawDot => row_features.matmul(&col_features.t()?)?,
-            FilterScore::Cosine => cosine_matrix(row_features, col_features)?,
-        };
-        let (rows, cols) = scores.dims2()?;
-        scores.gt(self.threshold)?.to_dtype(DType::F32)?.mul(&off_diagonal(
-            rows,
-            cols,
-            row_offset,
-            scores.device(),
-        )?)
+        filter_mask(&self.scores(row_features, col_features)?, self.threshold, row_offset)
     }
 }
 
@@ -301,42 +357,34 @@ impl Objective {
     /// `L_tt`: InfoNCE over angular logits of view 1 (rows) against view 2 (columns).
     pub fn text_term(&self, z1_rows: &Tensor, z2_cols: &Tensor, row_offset: usize) -> Result<Tensor> {
         let cos = cosine_matrix(z1_rows, z2_cols)?;
-        let logits = angular_logits(&cos, Margin::Fixed(self.margin_text), row_offset)?;
-        cross_entropy_diagonal(&(logits / self.temp)?, row_offset)
+        Ok(angular_infonce(&cos, Margin::Fixed(self.margin_text), None, self.temp, row_offset)?.0)
     }
 
     /// `L_img + L_cap`, each the mean of the two views' terms; and the count of filtered negatives.
     pub fn grounding_term(&self, g: &Grounding, row_offset: usize) -> Result<(Tensor, usize)> {
-        let vv = cosine_matrix(g.img_rows, g.img_cols)?;
-        let cc = cosine_matrix(g.cap_rows, g.cap_cols)?;
+        // Each input normalised once, though it enters two cosine matrices.
+        let [p1, p2, v, t, img_rows, img_cols, cap_rows, cap_cols] =
+            [g.p1, g.p2, g.v, g.t, g.img_rows, g.img_cols, g.cap_rows, g.cap_cols].map(l2_normalize);
+        let (p1, p2, v, t) = (p1?, p2?, v?, t?);
+        let (vv, cc) = (unit_products(&img_rows?, &img_cols?)?, unit_products(&cap_rows?, &cap_cols?)?);
         // Image term: row i (caption i) vs image j; caption term: row i (image i) vs caption j.
-        let (mask_pv, mask_pt) = match self.negative_filter() {
-            Some(f) => (
-                Some(f.mask(g.cap_rows, g.img_cols, row_offset)?),
-                Some(f.mask(g.img_rows, g.cap_cols, row_offset)?),
-            ),
+        let (scores_pv, scores_pt) = match self.negative_filter() {
+            Some(f) => (Some(f.scores(g.cap_rows, g.img_cols)?), Some(f.scores(g.img_rows, g.cap_cols)?)),
             None => (None, None),
         };
-        let term = |cols: &Tensor, similarity: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
+        let term = |cols: &Tensor, similarity: &Tensor, scores: Option<&Tensor>| -> Result<(Tensor, usize)> {
             let margin = Margin::Adaptive { base: self.margin_vl, teacher_similarity: similarity };
-            let view = |p: &Tensor| -> Result<Tensor> {
-                let logits = (angular_logits(&cosine_matrix(p, cols)?, margin, row_offset)? / self.temp_vl)?;
-                let logits = match mask {
-                    Some(mask) => (logits + (mask * MASKED_LOGIT)?)?,
-                    None => logits,
-                };
-                cross_entropy_diagonal(&logits, row_offset)
+            let filter = scores.map(|s| (s, self.filter_threshold));
+            let view = |p: &Tensor| {
+                angular_infonce(&unit_products(p, cols)?, margin, filter, self.temp_vl, row_offset)
             };
-            (view(g.p1)? + view(g.p2)?)? / 2.0
+            // Both views share the teacher's scores: the removed negatives are counted once.
+            let ((view1, removed), (view2, _)) = (view(&p1)?, view(&p2)?);
+            Ok((((view1 + view2)? / 2.0)?, removed))
         };
-        let grounding = (term(g.v, &vv, &mask_pv)? + term(g.t, &cc, &mask_pt)?)?;
-        let count = |m: &Option<Tensor>| -> Result<usize> {
-            match m {
-                Some(m) => Ok(m.sum_all()?.to_scalar::<f32>()? as usize),
-                None => Ok(0),
-            }
-        };
-        Ok((grounding, count(&mask_pv)? + count(&mask_pt)?))
+        let (image, removed_pv) = term(&v, &vv, scores_pv.as_ref())?;
+        let (caption, removed_pt) = term(&t, &cc, scores_pt.as_ref())?;
+        Ok(((image + caption)?, removed_pv + removed_pt))
     }
 
     /// `L_tt` for a text batch; `L_tt + lambda * (L_img + L_cap)` for a paired batch.
@@ -367,6 +415,63 @@ pub fn scalar(t: &Tensor) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused term against the composed one on the CPU: loss, removed negatives and the
+    /// cosines' gradient (to 1e-5, relative above 1), for margins 0, fixed and adaptive, with and
+    /// without the filter, rows from an offset, and cosines at, beyond and inside the clamp
+    /// (a positive at 1 included).
+    #[test]
+    fn fused_term_matches_composed() {
+        let device = Device::Cpu;
+        let (rows, cols, offset) = (6, 11, 3);
+        let uniform = |lo: f32, hi: f32| Tensor::rand(lo, hi, (rows, cols), &device).unwrap();
+        let mut data = uniform(-0.99, 0.99).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (at, value) in [(offset, 1.0), (1, -1.0), (cols + 2, 1.000_000_1), (2 * cols + 7, 0.999_999_9)] {
+            data[at] = value;
+        }
+        let cos = candle_core::Var::from_vec(data, (rows, cols), &device).unwrap();
+        let (similarity, scores) = (uniform(-1.0, 1.0), uniform(0.0, 1.0));
+        for (margin, filter) in [
+            (Margin::Fixed(0.0), None),
+            (Margin::Fixed(0.15), None),
+            (Margin::Adaptive { base: 0.15, teacher_similarity: &similarity }, Some((&scores, 0.6))),
+            (Margin::Adaptive { base: 0.5, teacher_similarity: &similarity }, None),
+            (Margin::Adaptive { base: 0.0, teacher_similarity: &similarity }, Some((&scores, 0.3))),
+        ] {
+            let what = format!("{margin:?}, filter {}", filter.is_some());
+            let (fused, removed) = angular_infonce(cos.as_tensor(), margin, filter, 0.05, offset).unwrap();
+            let (composed, expected) =
+                angular_infonce_composed(cos.as_tensor(), margin, filter, 0.05, offset).unwrap();
+            assert_eq!(removed, expected, "{what}: removed");
+            assert!(filter.is_none() || removed > 0, "{what}: the filter removed nothing");
+            let (f, c) = (scalar(&fused).unwrap(), scalar(&composed).unwrap());
+            assert!((f - c).abs() <= 1e-5 * c.abs().max(1.0), "{what}: loss {f} vs {c}");
+            let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
+            let flat = |g: &candle_core::backprop::GradStore| {
+                g.get(cos.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let (gf, gc) = (flat(&gf), flat(&gc));
+            for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{what}: dcos[{i}] {a} vs {b}");
+            }
+            assert_eq!(gf[offset], 0.0, "{what}: a clamped cosine takes no gradient");
+            assert!(gc.iter().any(|g| g.abs() > 1e-3), "{what}: degenerate gradient");
+        }
+    }
+
+    /// Cosines and teacher matrices of different shapes, or a row offset past the columns, are
+    /// refused with both shapes named.
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let device = Device::Cpu;
+        let cos = Tensor::zeros((4, 6), DType::F32, &device).unwrap();
+        let similarity = Tensor::zeros((4, 5), DType::F32, &device).unwrap();
+        let margin = Margin::Adaptive { base: 0.15, teacher_similarity: &similarity };
+        let err = angular_infonce(&cos, margin, None, 0.05, 0).unwrap_err().to_string();
+        assert!(err.contains("[4, 5]") && err.contains("[4, 6]"), "{err}");
+        let err = angular_infonce(&cos, Margin::Fixed(0.1), None, 0.05, 3).unwrap_err().to_string();
+        assert!(err.contains("4 rows from column 3 of 6"), "{err}");
+    }
 
     fn reported(name: &'static str, value: f64, combine: Combine) -> Reported {
         Reported { name, value, combine }

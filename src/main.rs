@@ -14,6 +14,7 @@ use kdmcse::dist::{contract, Nccl};
 use kdmcse::embed::SentenceEncoder;
 use kdmcse::eval::{self, Task};
 use kdmcse::model::Pooling;
+use kdmcse::ops::Isa;
 use kdmcse::train::{Outcome, Trainer};
 use kdmcse::InputError;
 
@@ -176,6 +177,17 @@ fn main() {
         .init();
     kdmcse::keep_freed_memory();
     let cli = Cli::parse();
+    // A bad KDMCSE_ISA is refused before any kernel runs (they would panic on it).
+    let isa = match Isa::from_env() {
+        Ok(isa) => Isa::select(isa),
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(contract::exit::INPUT_ERROR);
+        }
+    };
+    if matches!(cli.command, Command::Train(_)) {
+        tracing::info!(isa = isa.name(), detected = Isa::detected().name(), "CPU kernels");
+    }
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
         Command::Encode(args) => run_encode(args),

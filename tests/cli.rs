@@ -180,3 +180,26 @@ fn version_names_the_revision_and_the_kind_of_build() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
     }
 }
+
+/// A `KDMCSE_ISA` that names no level is refused before any work, naming the variable and the
+/// levels it accepts (exit 2: a restart cannot cure it); every level the variable names is
+/// accepted, also above this CPU's (it is a cap), and the run is the same.
+#[test]
+fn kernel_levels_are_chosen_by_kdmcse_isa() {
+    let (model, data) = (common::minilm_dir(), common::shared_dir().join("data"));
+    let run = |isa: &str| {
+        common::process::kdmcse_command()
+            .env("KDMCSE_ISA", isa)
+            .args(["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()])
+            .args(["--json", "--tasks", "SICKRelatedness"])
+            .output()
+            .unwrap()
+    };
+    let out = run("avx1024");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_fails_with(&out, &["KDMCSE_ISA=\"avx1024\"", "baseline, avx2 or avx512"]);
+    let scores: Vec<f64> = ["baseline", "avx2", "avx512"]
+        .map(|isa| json_scores(&run(isa))["SICKRelatedness"].as_f64().unwrap())
+        .into();
+    assert!(scores.iter().all(|s| *s == scores[0]), "SICK-R by level: {scores:?}");
+}

@@ -208,6 +208,18 @@ template <class Kernel> static void launch(unsigned grid, unsigned block, Kernel
         for (auto &thread : threads) thread.join();
     }
 }
+// `n` floats from standard input, and floats to standard output, as the bits of each in decimal
+// (what `run` sends and reads).
+static std::vector<float> read(size_t n) {
+    std::vector<float> v(n);
+    for (size_t i = 0; i < n; i++) { unsigned u; if (scanf("%u", &u) != 1) exit(3); memcpy(&v[i], &u, 4); }
+    return v;
+}
+static void print(const std::vector<float> &xs) {
+    for (float f : xs) { unsigned u; memcpy(&u, &f, 4); printf("%u\n", u); }
+}
+// CUDA's bit-cast intrinsic.
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 // The grid of a one-thread-per-element launch of n elements in blocks of `block`.
 static unsigned blocks_for(size_t n, unsigned block) { return (unsigned)((n + block - 1) / block); }
 "#;
@@ -227,6 +239,16 @@ static unsigned blocks_for(size_t n, unsigned block) { return (unsigned)((n + bl
             .expect("a C++ compiler (c++) on PATH");
         assert!(status.success(), "compiling {} for the host", module.name);
         exe
+    }
+
+    /// Asserts that a harness's outputs equal the CPU op's to 1e-5 (relative above 1): block
+    /// reductions sum in tree order, the CPU in row or lane order, so they agree to rounding.
+    pub(crate) fn assert_close(host: &[f32], cpu: &candle_core::Tensor, what: &str) {
+        let cpu = cpu.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(host.len(), cpu.len(), "{what}: length");
+        for (i, (h, c)) in host.iter().zip(&cpu).enumerate() {
+            assert!((h - c).abs() <= 1e-5 * c.abs().max(1.0), "{what}[{i}]: host {h} vs cpu {c}");
+        }
     }
 
     /// Runs a harness from [`compile`] with `args` and `input` on its standard input, and reads

@@ -3,10 +3,11 @@
 //! proj_dim) and the teacher heads mapping CLIP image and caption features into the grounding
 //! space (METHOD.md, "Model").
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::bert::Linear;
+use crate::ops::l2_normalize;
 
 /// `tanh(W x + b)`, L2-normalised along the last dimension when `normalize` is set.
 #[derive(Debug, Clone)]
@@ -30,12 +31,6 @@ impl Module for Projection {
             Ok(ys)
         }
     }
-}
-
-/// Rows divided by their L2 norm (clamped away from zero, as `torch.nn.functional.normalize`).
-pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
-    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
-    xs.broadcast_div(&norm)
 }
 
 /// One head's name (its weights are `<name>.dense.weight` and `.bias`), sizes and whether its

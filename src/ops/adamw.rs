@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda;
-use super::{cpu_f32, cpu_f32_mut};
+use super::{cpu_f32, cpu_f32_mut, Isa};
 
 const CHUNK: usize = 1 << 14;
 
@@ -30,11 +30,16 @@ impl InplaceOp2 for Lerp {
     ) -> candle_core::Result<()> {
         let (x, g) = (cpu_f32_mut(s1, l1, self.name())?, cpu_f32(s2, l2, self.name())?);
         let (keep, take) = (self.keep as f32, (1.0 - self.keep) as f32);
-        let square = self.square;
+        let (square, isa) = (self.square, Isa::selected());
         x.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(x, g)| {
-            for (x, &g) in x.iter_mut().zip(g) {
-                *x = keep * *x + take * if square { g * g } else { g };
-            }
+            isa.run(
+                #[inline(always)]
+                || {
+                    for (x, &g) in x.iter_mut().zip(g) {
+                        *x = keep * *x + take * if square { g * g } else { g };
+                    }
+                },
+            )
         });
         Ok(())
     }
@@ -97,10 +102,16 @@ impl InplaceOp3 for AdamUpdate {
         let name = self.name();
         let (p, m, v) = (cpu_f32_mut(s1, l1, name)?, cpu_f32(s2, l2, name)?, cpu_f32(s3, l3, name)?);
         let [step, bc2, eps, before, after] = self.constants();
+        let isa = Isa::selected();
         p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(p, (m, v))| {
-            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                *p = after * (before * *p - step * m / ((v / bc2).sqrt() + eps));
-            }
+            isa.run(
+                #[inline(always)]
+                || {
+                    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                        *p = after * (before * *p - step * m / ((v / bc2).sqrt() + eps));
+                    }
+                },
+            )
         });
         Ok(())
     }
@@ -144,9 +155,6 @@ mod tests {
             dir.path(),
             crate::kernels::ADAMW,
             r#"static float arg(char *s) { unsigned u = strtoul(s, 0, 10); float f; memcpy(&f, &u, 4); return f; }
-static void print(const std::vector<float> &xs) {
-    for (float f : xs) { unsigned u; memcpy(&u, &f, 4); printf("%u\n", u); }
-}
 // argv: n, then p, m, v, g (n each), then keep1, take1, keep2, take2, step, bc2, eps, decay
 // before, decay after.
 int main(int argc, char **argv) {

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_f32;
 use super::dropout_mask::{mask_run, mix, threshold_and_scale, MaskRun};
+use super::math::exp;
+use super::{cpu_f32, Isa};
 
 /// Which rows of the packed queries and keys each example owns: `(first row, rows)` each, in row
 /// order, the queries at positions `0..rows` of their example and the keys likewise.
@@ -149,11 +150,8 @@ impl PackedAttention {
             *s *= self.scale;
             max = max.max(*s);
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
+        scores.iter_mut().for_each(|s| *s = exp(*s - max));
+        let sum: f32 = scores.iter().sum();
         let inv = 1.0 / sum;
         scores.iter_mut().for_each(|s| *s *= inv);
         padding.fill(0.0);
@@ -254,8 +252,8 @@ impl PackedAttention {
     }
 }
 
-/// Keys at a time in the kernels' vector loops (one AVX-512 register of f32): score rows are
-/// padded with zeros to a multiple, so those loops have no remainder.
+/// Keys at a time in the kernels' vector loops (one AVX-512 register of f32, two of AVX2): score
+/// rows are padded with zeros to a multiple, so those loops have no remainder.
 const LANES: usize = 16;
 
 /// Head `head` of an example's rows, transposed into `out` (`[dim, stride]`, columns past the
@@ -266,35 +264,6 @@ fn transpose_head(rows: &Rows, head: usize, dim: usize, stride: usize, out: &mut
         for (d, &x) in rows.head(j, head, dim).iter().enumerate() {
             out[d * stride + j] = x;
         }
-    }
-}
-
-/// Whether the CPU runs the AVX-512 builds of the per-example kernels.
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// The per-example kernels compiled for AVX-512 (the baseline x86-64 build has 4-wide vectors).
-#[cfg(target_arch = "x86_64")]
-impl PackedAttention {
-    #[target_feature(enable = "avx512f")]
-    fn forward_example_avx512(&self, example: usize, q: &Rows, k: &Rows, v: &Rows, out: &mut [f32]) {
-        self.forward_example(example, q, k, v, out)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    fn backward_example_avx512(
-        &self,
-        example: usize,
-        rows: [&Rows; 4],
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-    ) {
-        self.backward_example(example, rows, dq, dk, dv)
     }
 }
 
@@ -317,18 +286,16 @@ impl CustomOp3 for PackedAttention {
         let (q, k, v) = (q?, k?, v?);
         let mut out = vec![0f32; q.len()];
         let chunks = split_rows(&mut out, &self.rows.queries, width);
-        let avx512 = has_avx512();
+        let isa = Isa::selected();
         chunks.into_par_iter().enumerate().for_each(|(e, out)| {
             let (qf, kf) = (self.rows.queries[e].0, self.rows.keys[e]);
             let q = Rows { data: &q[qf * width..], width };
             let k = Rows { data: &k[kf.0 * width..][..kf.1 * width], width };
             let v = Rows { data: &v[kf.0 * width..][..kf.1 * width], width };
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                // SAFETY: the CPU has AVX-512.
-                return unsafe { self.forward_example_avx512(e, &q, &k, &v, out) };
-            }
-            self.forward_example(e, &q, &k, &v, out);
+            isa.run(
+                #[inline(always)]
+                || self.forward_example(e, &q, &k, &v, out),
+            );
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -379,19 +346,17 @@ impl candle_core::CustomOp2 for Backward {
             .zip(split_rows(dk, &rows.keys, width))
             .zip(split_rows(dv, &rows.keys, width))
             .collect();
-        let avx512 = has_avx512();
+        let isa = Isa::selected();
         items.into_par_iter().enumerate().for_each(|(e, ((dq, dk), dv))| {
             let (qf, (kf, kn)) = (rows.queries[e].0, rows.keys[e]);
             let q = Rows { data: &q[qf * width..], width };
             let grad = Rows { data: &grad[qf * width..], width };
             let k = Rows { data: &k[kf * width..][..kn * width], width };
             let v = Rows { data: &v[kf * width..][..kn * width], width };
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                // SAFETY: the CPU has AVX-512.
-                return unsafe { attention.backward_example_avx512(e, [&q, &k, &v, &grad], dq, dk, dv) };
-            }
-            attention.backward_example(e, [&q, &k, &v, &grad], dq, dk, dv);
+            isa.run(
+                #[inline(always)]
+                || attention.backward_example(e, [&q, &k, &v, &grad], dq, dk, dv),
+            );
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

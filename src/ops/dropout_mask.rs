@@ -141,22 +141,28 @@ fn mask_values(keys: &[u64], origins: Option<&[u64]>, site: u64, row_dims: &[usi
     let per_row: usize = row_dims.iter().product();
     let (threshold, scale) = threshold_and_scale(p);
     let dims = row_extent(row_dims);
-    let write = |i: usize, row: &mut [MaybeUninit<f32>]| {
-        let (row_key, origin) = (mix(keys[i] ^ mix(site)), origins.map_or(0, |o| o[i]));
-        // Coordinates packed 20 bits each (innermost lowest): the same element gets the same
-        // draw whatever the extent of the other dimensions. Within a run of the innermost one
-        // they count up by one, since `c < 2^20` makes `outer | c == outer + c`.
-        let mut runs = row.chunks_exact_mut(dims[2]);
-        for a in 0..dims[0] as u64 {
-            for b in 0..dims[1] as u64 {
-                let first = origin.wrapping_add((a << 40) | (b << 20));
-                let run = runs.next().expect("mask row sized by its dims");
-                mask_run(run, MaskRun { row_key, first, threshold, scale });
-            }
-        }
-    };
-    // SAFETY: each piece is one row, and `write` writes its d0 x d1 = its runs of d2 elements.
-    unsafe { super::written_in_pieces(keys.len() * per_row, per_row, write) }
+    // SAFETY: each piece is one row, and the kernel writes its d0 x d1 = its runs of d2 elements.
+    unsafe {
+        super::written_in_pieces(
+            keys.len() * per_row,
+            per_row,
+            #[inline(always)]
+            |i, row: &mut [MaybeUninit<f32>]| {
+                let (row_key, origin) = (mix(keys[i] ^ mix(site)), origins.map_or(0, |o| o[i]));
+                // Coordinates packed 20 bits each (innermost lowest): the same element gets the same
+                // draw whatever the extent of the other dimensions. Within a run of the innermost one
+                // they count up by one, since `c < 2^20` makes `outer | c == outer + c`.
+                let mut runs = row.chunks_exact_mut(dims[2]);
+                for a in 0..dims[0] as u64 {
+                    for b in 0..dims[1] as u64 {
+                        let first = origin.wrapping_add((a << 40) | (b << 20));
+                        let run = runs.next().expect("mask row sized by its dims");
+                        mask_run(run, MaskRun { row_key, first, threshold, scale });
+                    }
+                }
+            },
+        )
+    }
 }
 
 /// One run of consecutive coordinates `first, first + 1, ...` of a row's mask.
@@ -168,25 +174,10 @@ pub(super) struct MaskRun {
     pub(super) scale: f32,
 }
 
-/// Writes every element of `out`; with AVX-512 where the CPU has it (eight 64-bit hashes at a
-/// time, where the baseline x86-64 build has no 64-bit vector multiply).
-pub(super) fn mask_run(out: &mut [MaybeUninit<f32>], run: MaskRun) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512dq") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { mask_run_avx512(out, run) };
-    }
-    mask_run_body(out, run)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-fn mask_run_avx512(out: &mut [MaybeUninit<f32>], run: MaskRun) {
-    mask_run_body(out, run)
-}
-
+/// Writes every element of `out` (inlined into the caller's kernel, which chose the vector
+/// extensions: AVX-512 has a 64-bit vector multiply, eight hashes at a time).
 #[inline(always)]
-fn mask_run_body(out: &mut [MaybeUninit<f32>], run: MaskRun) {
+pub(super) fn mask_run(out: &mut [MaybeUninit<f32>], run: MaskRun) {
     for (c, o) in out.iter_mut().enumerate() {
         let coords = run.first.wrapping_add(c as u64);
         let draw = mix(run.row_key.wrapping_add(coords.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 40;
@@ -282,20 +273,6 @@ mod tests {
         let origins: Vec<u64> = (0..5).map(|position| origin(1, position)).collect();
         let tokens = mask_values(&[key; 5], Some(&origins), 6, &[hidden], 0.5);
         assert_eq!(sentence, tokens);
-    }
-
-    /// The AVX-512 build of a run (where this CPU has it) draws what the baseline build does.
-    #[test]
-    fn every_build_of_a_run_draws_the_same_mask() {
-        let run = MaskRun { row_key: mix(77), first: origin(1, 3) + 5, threshold: 1 << 23, scale: 2.0 };
-        let (mut dispatched, mut baseline) = ([MaybeUninit::uninit(); 37], [MaybeUninit::uninit(); 37]);
-        mask_run(&mut dispatched, run);
-        mask_run_body(&mut baseline, run);
-        // SAFETY: both runs wrote every element.
-        let (dispatched, baseline) =
-            unsafe { (dispatched.map(|x| x.assume_init()), baseline.map(|x| x.assume_init())) };
-        assert_eq!(dispatched, baseline);
-        assert!(baseline.contains(&0.0) && baseline.contains(&2.0));
     }
 
     #[test]

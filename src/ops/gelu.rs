@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::math::exp;
 use super::{cpu_f32, fused};
 
 /// The exact GELU, `x * Phi(x)` with `Phi` the standard normal CDF (BERT's `gelu`).
@@ -45,13 +46,19 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = cpu_f32(storage, layout, self.name())?;
-        let write = |piece: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
-            for (d, &x) in dst.iter_mut().zip(&src[piece * 4096..]) {
-                d.write(0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2)));
-            }
-        };
         // SAFETY: `write` writes each element of its piece from the input element beside it.
-        let dst = unsafe { super::written_in_pieces(src.len(), 4096, write) };
+        let dst = unsafe {
+            super::written_in_pieces(
+                src.len(),
+                4096,
+                #[inline(always)]
+                |piece: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+                    for (d, &x) in dst.iter_mut().zip(&src[piece * 4096..]) {
+                        d.write(0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2)));
+                    }
+                },
+            )
+        };
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -108,16 +115,22 @@ impl CustomOp2 for GeluErfBackward {
         if xs.len() != gs.len() {
             candle_core::bail!("{}: {} inputs, {} gradients", self.name(), xs.len(), gs.len());
         }
-        let write = |piece: usize, dx: &mut [std::mem::MaybeUninit<f32>]| {
-            let (xs, gs) = (&xs[piece * 4096..], &gs[piece * 4096..]);
-            for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(gs) {
-                let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
-                d.write(g * (cdf + x * pdf));
-            }
-        };
         // SAFETY: inputs and gradients are as long as the output; each element is written.
-        let dx = unsafe { super::written_in_pieces(xs.len(), 4096, write) };
+        let dx = unsafe {
+            super::written_in_pieces(
+                xs.len(),
+                4096,
+                #[inline(always)]
+                |piece: usize, dx: &mut [std::mem::MaybeUninit<f32>]| {
+                    let (xs, gs) = (&xs[piece * 4096..], &gs[piece * 4096..]);
+                    for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(gs) {
+                        let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                        let pdf = inv_sqrt_2pi * exp(-0.5 * x * x);
+                        d.write(g * (cdf + x * pdf));
+                    }
+                },
+            )
+        };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda;
-use super::{cpu_f32, fused};
+use super::{cpu_f32, fused, Isa};
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -64,17 +64,23 @@ impl CustomOp3 for LayerNorm {
         if dim == 0 || !xs.len().is_multiple_of(dim) || bias.len() != dim {
             candle_core::bail!("{}: rows of {} for weight {dim}, bias {}", self.name(), xs.len(), bias.len());
         }
-        let write = |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
-            let src = &xs[row * dim..][..dim];
-            let mean = src.iter().sum::<f32>() / dim as f32;
-            let var = src.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / dim as f32;
-            let rstd = 1.0 / (var + eps).sqrt();
-            for (((d, x), w), b) in dst.iter_mut().zip(src).zip(weight).zip(bias) {
-                d.write((x - mean) * rstd * w + b);
-            }
-        };
         // SAFETY: each piece is one row of `dim` elements, and weight and bias have `dim` too.
-        let dst = unsafe { super::written_in_pieces(xs.len(), dim, write) };
+        let dst = unsafe {
+            super::written_in_pieces(
+                xs.len(),
+                dim,
+                #[inline(always)]
+                |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+                    let src = &xs[row * dim..][..dim];
+                    let mean = src.iter().sum::<f32>() / dim as f32;
+                    let var = src.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / dim as f32;
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    for (((d, x), w), b) in dst.iter_mut().zip(src).zip(weight).zip(bias) {
+                        d.write((x - mean) * rstd * w + b);
+                    }
+                },
+            )
+        };
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 
@@ -234,34 +240,39 @@ fn layer_norm_backward_cpu(xs: &[f32], w_v: &[f32], g_v: &[f32], eps: f64) -> Ve
     let (dx, params) = out.split_at_mut(rows * dim);
     // Per-chunk partial sums for dweight/dbias, reduced afterwards in chunk order. The chunk size
     // is fixed, not derived from the thread count, so results do not depend on it.
-    let chunk_rows = LAYER_NORM_CHUNK_ROWS;
+    let (chunk_rows, isa) = (LAYER_NORM_CHUNK_ROWS, Isa::selected());
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(chunk_rows * dim)
         .zip(xs.par_chunks(chunk_rows * dim))
         .zip(g_v.par_chunks(chunk_rows * dim))
         .map(|((dx, xs), gs)| {
-            let mut dw = vec![0f32; dim];
-            let mut db = vec![0f32; dim];
-            let mut xhat = vec![0f32; dim];
-            for ((dx, x), g) in dx.chunks_mut(dim).zip(xs.chunks(dim)).zip(gs.chunks(dim)) {
-                let mean = x.iter().sum::<f32>() / dim as f32;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
-                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                for i in 0..dim {
-                    xhat[i] = (x[i] - mean) * rstd;
-                    let gw = g[i] * w_v[i];
-                    sum_g += gw;
-                    sum_gx += gw * xhat[i];
-                    dw[i] += g[i] * xhat[i];
-                    db[i] += g[i];
-                }
-                let (mean_g, mean_gx) = (sum_g / dim as f32, sum_gx / dim as f32);
-                for i in 0..dim {
-                    dx[i] = rstd * (g[i] * w_v[i] - mean_g - xhat[i] * mean_gx);
-                }
-            }
-            (dw, db)
+            isa.run(
+                #[inline(always)]
+                || {
+                    let mut dw = vec![0f32; dim];
+                    let mut db = vec![0f32; dim];
+                    let mut xhat = vec![0f32; dim];
+                    for ((dx, x), g) in dx.chunks_mut(dim).zip(xs.chunks(dim)).zip(gs.chunks(dim)) {
+                        let mean = x.iter().sum::<f32>() / dim as f32;
+                        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+                        let rstd = 1.0 / (var + eps).sqrt();
+                        let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                        for i in 0..dim {
+                            xhat[i] = (x[i] - mean) * rstd;
+                            let gw = g[i] * w_v[i];
+                            sum_g += gw;
+                            sum_gx += gw * xhat[i];
+                            dw[i] += g[i] * xhat[i];
+                            db[i] += g[i];
+                        }
+                        let (mean_g, mean_gx) = (sum_g / dim as f32, sum_gx / dim as f32);
+                        for i in 0..dim {
+                            dx[i] = rstd * (g[i] * w_v[i] - mean_g - xhat[i] * mean_gx);
+                        }
+                    }
+                    (dw, db)
+                },
+            )
         })
         .collect();
     let (dw, db) = params.split_at_mut(dim);

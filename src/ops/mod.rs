@@ -1,24 +1,33 @@
 //! kdmcse's own tensor ops, one file each: the fused training ops and their backward (softmax
 //! and attention's softmax, LayerNorm, GELU; the backward public for the encoder's written-out
-//! one), elementwise sums and products (masks as constants), matrix products, row gathers
-//! (packing a padded batch's tokens), the dropout mask, and AdamW's in-place updates. The fused
+//! one; L2 normalisation), elementwise sums and products (masks as constants), matrix products, row gathers
+//! (packing a padded batch's tokens), the dropout mask, AdamW's in-place updates, and the
+//! objective's angular cross-entropy (one term, margins, filter and softmax in one pass). The fused
 //! ops run a CPU kernel here and a CUDA kernel from `src/kernels/` with the same arithmetic; the
 //! matrix products, elementwise ops, gathers and softmax backward have CPU kernels only (on a
 //! GPU they are candle's, which already use the device's threads). On other devices and dtypes
 //! every op falls back to a composition of candle primitives (and [`vjp`]); the composed
-//! versions are public so tests can check the fused kernels against them.
+//! versions are public so tests can check the fused kernels against them. Every CPU kernel runs
+//! in the vector extensions [`Isa`] selects, each level giving the same bits.
 
 mod adamw;
+mod angular_cross_entropy;
 mod attention;
 mod constant;
 mod dropout_mask;
 mod gather_rows;
 mod gelu;
+mod isa;
+mod l2_normalize;
 mod layer_norm;
+mod math;
 mod matmul;
 mod softmax;
 
 pub(crate) use adamw::{AdamUpdate, Lerp};
+pub use angular_cross_entropy::{
+    angular_cross_entropy, angular_cross_entropy_serves, AngularTerm, COS_CLAMP, MASKED_LOGIT, ROW_OUTPUTS,
+};
 pub use attention::{
     packed_attention, packed_attention_backward, packed_attention_serves, AttentionDropout, AttentionRows,
     PackedAttention,
@@ -27,6 +36,8 @@ pub use constant::{add, add_constant, mul_constant};
 pub(crate) use dropout_mask::{dropout_mask, mix, origin as dropout_origin};
 pub use gather_rows::{gather_rows, RowGather};
 pub use gelu::{gelu_erf, gelu_erf_backward};
+pub use isa::{Isa, ISA_ENV};
+pub use l2_normalize::{l2_normalize, l2_normalize_composed};
 pub use layer_norm::{layer_norm, layer_norm_backward, layer_norm_composed};
 pub use matmul::{linear, matmul, matmul_merge_heads, sum_rows};
 pub use softmax::{
@@ -87,7 +98,8 @@ pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) ->
 }
 
 /// A CPU kernel's output of `len` elements, in pieces of `piece` elements (the last may be
-/// shorter) that `write(index, piece)` fills across threads: unlike `vec![0.0; len]`, no
+/// shorter) that `write(index, piece)` fills across threads, each piece in the selected
+/// [`Isa`] (pass `write` as `#[inline(always)] |index, piece| ...`): unlike `vec![0.0; len]`, no
 /// zero-fill pass over the memory first (a tenth of the training step's memory traffic).
 ///
 /// # Safety
@@ -98,8 +110,14 @@ pub(crate) unsafe fn written_in_pieces<T: Send>(
     write: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
 ) -> Vec<T> {
     use rayon::prelude::*;
+    let isa = Isa::selected();
     let mut out = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len].par_chunks_mut(piece.max(1)).enumerate().for_each(|(i, p)| write(i, p));
+    out.spare_capacity_mut()[..len].par_chunks_mut(piece.max(1)).enumerate().for_each(|(i, p)| {
+        isa.run(
+            #[inline(always)]
+            || write(i, p),
+        )
+    });
     // SAFETY: the caller's `write` initialised every piece, and the pieces cover `len` elements.
     unsafe { out.set_len(len) };
     out
@@ -213,10 +231,13 @@ mod tests {
         let sm_composed: Op = &|x| softmax_last_dim_composed(x);
         let gelu_fused: Op = &|x| gelu_erf(x);
         let gelu_composed: Op = &|x| x.gelu_erf();
+        let l2_fused: Op = &|x| l2_normalize(x);
+        let l2_composed: Op = &|x| l2_normalize_composed(x);
         for (name, fused, composed) in [
             ("layer_norm", ln_fused, ln_composed),
             ("softmax", sm_fused, sm_composed),
             ("gelu", gelu_fused, gelu_composed),
+            ("l2_normalize", l2_fused, l2_composed),
         ] {
             let (yf, yc) = (fused(x.as_tensor()).unwrap(), composed(x.as_tensor()).unwrap());
             assert!(max_diff(&yf, &yc) < 1e-5, "{name} forward");
@@ -236,6 +257,102 @@ mod tests {
 }
 
 #[cfg(test)]
+mod isa_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use candle_core::Device;
+
+    /// Every CPU kernel's outputs on fixed inputs, as bits: forward and backward of the fused
+    /// ops, packed attention with dropout, the dropout mask, AdamW's updates and the angular
+    /// cross-entropy.
+    fn every_kernel() -> Vec<Vec<u32>> {
+        let device = Device::Cpu;
+        let seeded = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n as u64).map(|i| (mix(seed ^ i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect()
+        };
+        let tensor = |dims: &[usize], seed| {
+            Tensor::from_vec(seeded(dims.iter().product(), seed), dims, &device).unwrap()
+        };
+        let bits = |t: &Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        };
+        let (x, g, w, b) = (tensor(&[6, 70], 1), tensor(&[6, 70], 2), tensor(&[70], 3), tensor(&[70], 4));
+        let mut out: Vec<Vec<u32>> = vec![
+            bits(&softmax_last_dim(&x).unwrap()),
+            bits(
+                &attention_softmax(
+                    &x.reshape((2, 1, 3, 70)).unwrap(),
+                    0.3,
+                    &Tensor::cat(&[&w, &b], 0).unwrap().reshape((2, 1, 1, 70)).unwrap(),
+                )
+                .unwrap(),
+            ),
+            bits(&attention_softmax_backward(&x, &g, 0.3).unwrap()),
+            bits(&layer_norm(&x, &w, &b, 1e-12).unwrap()),
+            bits(&x.apply_op3_no_bwd(&w, &g, &layer_norm::LayerNormBackward { eps: 1e-12 }).unwrap()),
+            bits(&gelu_erf(&x).unwrap()),
+            bits(&gelu_erf_backward(&x, &g).unwrap()),
+            bits(&l2_normalize(&x).unwrap()),
+            bits(&x.apply_op2_no_bwd(&g, &l2_normalize::L2NormalizeBackward).unwrap()),
+            bits(&dropout_mask(&x, &[5, 6, 7, 8, 9, 10], None, 3, 0.2).unwrap()),
+        ];
+        let attention = PackedAttention {
+            heads: 2,
+            scale: 0.25,
+            rows: Arc::new(AttentionRows { queries: vec![(0, 3), (3, 5)], keys: vec![(0, 3), (3, 5)] }),
+            dropout: Some(AttentionDropout { keys: Arc::from([11u64, 12]), site: 4, p: 0.2 }),
+        };
+        let (q, k, v, dc) =
+            (tensor(&[8, 16], 5), tensor(&[8, 16], 6), tensor(&[8, 16], 7), tensor(&[8, 16], 8));
+        out.push(bits(&packed_attention(&q, &k, &v, &attention).unwrap()));
+        let (dq, dk, dv) = packed_attention_backward(&q, &k, &v, &dc, &attention).unwrap();
+        out.extend([bits(&dq), bits(&dk), bits(&dv)]);
+        let (p, m) = (x.copy().unwrap(), g.copy().unwrap());
+        m.inplace_op2(&x, &Lerp { keep: 0.9, square: true }).unwrap();
+        let update = AdamUpdate {
+            step_size: 0.1,
+            bias_correction2: 0.5,
+            eps: 1e-6,
+            decay_before: 0.99,
+            decay_after: 1.0,
+        };
+        p.inplace_op3(&g, &m, &update).unwrap();
+        out.extend([bits(&m), bits(&p)]);
+        let term = AngularTerm {
+            temp: 0.05,
+            margin: 0.15,
+            similarity: Some(g.clone()),
+            filter: Some((w.broadcast_as((6, 70)).unwrap().contiguous().unwrap(), 0.5)),
+            row_offset: 2,
+        };
+        let cos = candle_core::Var::from_tensor(&x).unwrap();
+        let rows = angular_cross_entropy(cos.as_tensor(), &term).unwrap();
+        let grads = rows.narrow(1, 0, 1).unwrap().sum_all().unwrap().backward().unwrap();
+        out.extend([bits(&rows), bits(grads.get(cos.as_tensor()).unwrap())]);
+        out
+    }
+
+    /// Each level of vector extensions this CPU has computes every kernel's bits exactly as the
+    /// baseline build does (the levels are selected process-wide; any level is correct for the
+    /// tests running beside this one).
+    #[test]
+    fn every_isa_computes_the_same_bits() {
+        let levels: Vec<Isa> = Isa::available().collect();
+        let results: Vec<_> = levels.iter().map(|&isa| (Isa::select(isa), every_kernel())).collect();
+        Isa::select(Isa::from_env().unwrap());
+        let (baseline, expected) = &results[0];
+        assert_eq!(*baseline, Isa::Baseline);
+        for (isa, got) in &results[1..] {
+            for (kernel, (a, b)) in got.iter().zip(expected).enumerate() {
+                assert!(a == b, "kernel {kernel} under {isa:?} differs from the baseline build");
+            }
+        }
+        println!("levels compared: {levels:?}");
+    }
+}
+
+#[cfg(test)]
 mod cuda_kernel_tests {
     //! kernels/ops.cu built for the host and run with the CUDA launches' block shapes (real
     //! threads per block, a real barrier) against the CPU ops: the GPU arithmetic, its block
@@ -243,17 +360,10 @@ mod cuda_kernel_tests {
     //! in row order: they agree to rounding, not bit for bit.
 
     use super::*;
+    use crate::kernels::host::assert_close;
     use candle_core::Device;
 
     const MAIN: &str = r#"
-static std::vector<float> read(size_t n) {
-    std::vector<float> v(n);
-    for (size_t i = 0; i < n; i++) { unsigned u; if (scanf("%u", &u) != 1) exit(3); memcpy(&v[i], &u, 4); }
-    return v;
-}
-static void print(const std::vector<float> &xs) {
-    for (float f : xs) { unsigned u; memcpy(&u, &f, 4); printf("%u\n", u); }
-}
 // argv: mode, rows, dim, then the launch shapes: blocks and threads of the row kernels, threads
 // of the elementwise ones, and the LayerNorm parameter gradients' chunk of rows.
 int main(int argc, char **argv) {
@@ -277,6 +387,16 @@ int main(int argc, char **argv) {
         auto g = read(n);
         float *gp = g.data();
         launch(blocks_for(n, elem_block), elem_block, [&] { gelu_erf_backward(xp, gp, op, n); });
+        print(out);
+    }
+    if (mode == "l2_normalize") {
+        launch(row_grid, row_block, [&] { l2_normalize(xp, op, rows, dim); });
+        print(out);
+    }
+    if (mode == "l2_normalize_backward") {
+        auto g = read(n);
+        float *gp = g.data();
+        launch(row_grid, row_block, [&] { l2_normalize_backward(xp, gp, op, rows, dim); });
         print(out);
     }
     if (mode == "layer_norm") {
@@ -326,14 +446,6 @@ int main(int argc, char **argv) {
         crate::kernels::host::run(exe, &args, &input)
     }
 
-    fn assert_close(host: &[f32], cpu: &Tensor, what: &str) {
-        let cpu = cpu.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(host.len(), cpu.len(), "{what}: length");
-        for (i, (h, c)) in host.iter().zip(&cpu).enumerate() {
-            assert!((h - c).abs() <= 1e-5 * c.abs().max(1.0), "{what}[{i}]: host {h} vs cpu {c}");
-        }
-    }
-
     #[test]
     fn cuda_kernels_compute_the_cpu_ops() {
         let dir = tempfile::tempdir().unwrap();
@@ -357,6 +469,9 @@ int main(int argc, char **argv) {
             assert_close(&host("gelu_backward", &[&x, &g]), &cpu, &what("gelu backward"));
             let cpu = layer_norm(&x, &w, &b, 1e-12).unwrap();
             assert_close(&host("layer_norm", &[&x, &w, &b]), &cpu, &what("layer norm"));
+            assert_close(&host("l2_normalize", &[&x]), &l2_normalize(&x).unwrap(), &what("l2 normalize"));
+            let cpu = x.apply_op2_no_bwd(&g, &l2_normalize::L2NormalizeBackward).unwrap();
+            assert_close(&host("l2_normalize_backward", &[&x, &g]), &cpu, &what("l2 normalize backward"));
             let cpu = x.apply_op3_no_bwd(&w, &g, &layer_norm::LayerNormBackward { eps: 1e-12 }).unwrap();
             let host = host("layer_norm_backward", &[&x, &w, &g]);
             assert_close(&host, &cpu, &what("layer norm backward (dx, dweight, dbias)"));

@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::math::exp;
 use super::{cpu_f32, fused};
 
 /// Softmax over the last dimension.
@@ -35,20 +36,25 @@ impl CustomOp1 for SoftmaxLastDim {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = cpu_f32(storage, layout, self.name())?;
         let dim = layout.dims()[layout.dims().len() - 1];
-        let write = |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
-            let src = &src[row * dim..][..dim];
-            let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (d, s) in dst.iter_mut().zip(src) {
-                sum += *d.write((s - max).exp());
-            }
-            // SAFETY: the loop above wrote each of the row's `dim` elements.
-            let dst = unsafe { dst.assume_init_mut() };
-            let inv = 1.0 / sum;
-            dst.iter_mut().for_each(|d| *d *= inv);
+        // SAFETY: each piece is one row of the last dimension, written whole below.
+        let dst = unsafe {
+            super::written_in_pieces(
+                src.len(),
+                dim,
+                #[inline(always)]
+                |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+                    let src = &src[row * dim..][..dim];
+                    let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        d.write(exp(s - max));
+                    }
+                    // SAFETY: the loop above wrote each of the row's `dim` elements.
+                    let dst = dst.assume_init_mut();
+                    let inv = 1.0 / dst.iter().sum::<f32>();
+                    dst.iter_mut().for_each(|d| *d *= inv);
+                },
+            )
         };
-        // SAFETY: each piece is one row of the last dimension, written whole by `write`.
-        let dst = unsafe { super::written_in_pieces(src.len(), dim, write) };
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -131,25 +137,31 @@ impl CustomOp2 for AttentionSoftmax {
         }
         let rows_per_example = dims[1] * dims[2];
         let scale = self.scale as f32;
-        let write = |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
-            let src = &scores[row * keys..][..keys];
-            let mask = &mask[(row / rows_per_example) * keys..][..keys];
-            let mut max = f32::NEG_INFINITY;
-            for ((d, s), m) in dst.iter_mut().zip(src).zip(mask) {
-                max = max.max(*d.write(s * scale + m));
-            }
-            // SAFETY: the loop above wrote each of the row's `keys` elements.
-            let dst = unsafe { dst.assume_init_mut() };
-            let mut sum = 0f32;
-            for d in dst.iter_mut() {
-                *d = (*d - max).exp();
-                sum += *d;
-            }
-            let inv = 1.0 / sum;
-            dst.iter_mut().for_each(|d| *d *= inv);
+        // SAFETY: each piece is one row of keys, written whole below.
+        let dst = unsafe {
+            super::written_in_pieces(
+                scores.len(),
+                keys,
+                #[inline(always)]
+                |row: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+                    let src = &scores[row * keys..][..keys];
+                    let mask = &mask[(row / rows_per_example) * keys..][..keys];
+                    let mut max = f32::NEG_INFINITY;
+                    for ((d, s), m) in dst.iter_mut().zip(src).zip(mask) {
+                        max = max.max(*d.write(s * scale + m));
+                    }
+                    // SAFETY: the loop above wrote each of the row's `keys` elements.
+                    let dst = dst.assume_init_mut();
+                    let mut sum = 0f32;
+                    for d in dst.iter_mut() {
+                        *d = exp(*d - max);
+                        sum += *d;
+                    }
+                    let inv = 1.0 / sum;
+                    dst.iter_mut().for_each(|d| *d *= inv);
+                },
+            )
         };
-        // SAFETY: each piece is one row of keys, written whole by `write`.
-        let dst = unsafe { super::written_in_pieces(scores.len(), keys, write) };
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 
@@ -185,15 +197,21 @@ impl CustomOp2 for SoftmaxBackward {
         if ys.len() != gs.len() {
             candle_core::bail!("{}: {} outputs, {} gradients", self.name(), ys.len(), gs.len());
         }
-        let write = |row: usize, dx: &mut [std::mem::MaybeUninit<f32>]| {
-            let (ys, gs) = (&ys[row * dim..][..dim], &gs[row * dim..][..dim]);
-            let dot: f32 = ys.iter().zip(gs).map(|(y, g)| y * g).sum();
-            for ((d, y), g) in dx.iter_mut().zip(ys).zip(gs) {
-                d.write(self.scale * (y * (g - dot)));
-            }
+        // SAFETY: each piece is one row of the last dimension, written whole below.
+        let dx = unsafe {
+            super::written_in_pieces(
+                ys.len(),
+                dim,
+                #[inline(always)]
+                |row: usize, dx: &mut [std::mem::MaybeUninit<f32>]| {
+                    let (ys, gs) = (&ys[row * dim..][..dim], &gs[row * dim..][..dim]);
+                    let dot: f32 = ys.iter().zip(gs).map(|(y, g)| y * g).sum();
+                    for ((d, y), g) in dx.iter_mut().zip(ys).zip(gs) {
+                        d.write(self.scale * (y * (g - dot)));
+                    }
+                },
+            )
         };
-        // SAFETY: each piece is one row of the last dimension, written whole by `write`.
-        let dx = unsafe { super::written_in_pieces(ys.len(), dim, write) };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
