@@ -3,8 +3,9 @@
 //! and the cross-entropy with the diagonal target, per row. Only the cosines and the teacher's
 //! matrices the term reads are kept for the backward, which recomputes each logit (the composed
 //! version keeps about a dozen pool-sized intermediates per term). The arithmetic is
-//! `crate::loss::angular_infonce_composed`'s, operation for operation; `kernels/ops.cu` has the
-//! CUDA twin.
+//! `crate::loss::angular_infonce_composed`'s operation for operation, but for `exp`, sine and
+//! cosine (`ops::math`'s polynomials, so that the row loops vectorise) and the order of the row
+//! sums; `kernels/ops.cu` has the CUDA twin.
 
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
