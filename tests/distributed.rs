@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use common::process::{assert_ok, event, free_port, kdmcse_bin, kill, launcher};
+use kdmcse::dist::contract::RoundKeys;
+use kdmcse::dist::etcd::EtcdStore;
+use kdmcse::dist::store::Store;
 
 /// KDMCSE with margins, the cosine filter and dropout; output under `DIR/out`.
 fn write_config(dir: &Path, batch_size: usize, steps: usize) -> PathBuf {
@@ -526,6 +529,15 @@ fn two_launchers_on_etcd_train_as_on_the_static_store_and_outlive_an_etcd_member
     drop(tx);
     let mut seen = Vec::new();
     wait_for_line_event(&rx, &mut seen, |e| e["event"] == "checkpoint_saved" && e["step"] == 4);
+    // Each rank's collective address lives as long as the rank, not its start-up: a peer may
+    // read it after the writer joined (rank 0 once waited for a key that rank 1's finished
+    // start-up had taken with it).
+    let endpoints: Vec<String> = etcd.endpoints().split(',').map(String::from).collect();
+    let mut store = EtcdStore::connect(&endpoints, Duration::from_secs(10)).unwrap();
+    for rank in 0..2 {
+        let key = RoundKeys::new("job", 0).tcp_address(rank);
+        assert!(store.check(&key).unwrap().is_some(), "{key} vanished while rank {rank} trains");
+    }
     etcd.kill(0);
     nodes.iter_mut().for_each(wait_ok);
     seen.extend(rx.iter());

@@ -145,12 +145,22 @@ pub struct ProcessGroup {
     /// The launcher's rendezvous round (`KDMCSE_ROUND`), 0 without a launcher.
     pub round: u64,
     _watchdog: Option<watchdog::Watchdog>,
+    /// This rank's rendezvous client, kept for the group's life: on etcd its lease carries the
+    /// keys it published (its collective address), which a slower peer may not have read yet.
+    _client: Option<Box<dyn store::Store>>,
     _store: Option<store::StoreServer>,
 }
 
 impl ProcessGroup {
     fn single() -> Self {
-        Self { comm: Box::new(SingleProcess), abort: Arc::default(), round: 0, _watchdog: None, _store: None }
+        Self {
+            comm: Box::new(SingleProcess),
+            abort: Arc::default(),
+            round: 0,
+            _watchdog: None,
+            _client: None,
+            _store: None,
+        }
     }
 }
 
@@ -256,7 +266,14 @@ pub fn init_from_env(
             "pid": std::process::id(),
         }),
     );
-    Ok(ProcessGroup { comm, abort, round: rdzv.round, _watchdog: watchdog, _store: server })
+    Ok(ProcessGroup {
+        comm,
+        abort,
+        round: rdzv.round,
+        _watchdog: watchdog,
+        _client: Some(client),
+        _store: server,
+    })
 }
 
 #[cfg(feature = "cuda")]

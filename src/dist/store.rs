@@ -32,7 +32,8 @@ const CREATE: u8 = 4;
 /// How long a key lives on a store with leases (etcd); the static store keeps every key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
-    /// Until the writer is gone (its lease expires): liveness, addresses.
+    /// Until the writer is gone: its client dropped (the lease revoked) or its process dead (the
+    /// lease expires). Liveness, addresses: keep the client while others may still read them.
     WhileAlive,
     /// For the rest of the job: what other processes read after the writer exits.
     Always,

@@ -2,7 +2,7 @@
 
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 #[cfg(feature = "cuda")]
 use super::cuda;
@@ -14,8 +14,25 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     if fused(xs) {
         xs.contiguous()?.apply_op1(GeluErf)
     } else {
+        gelu_erf_unfused(xs)
+    }
+}
+
+/// The GELU of the dtypes the fused kernels do not take: candle's, but exact in f64.
+fn gelu_erf_unfused(xs: &Tensor) -> Result<Tensor> {
+    if xs.dtype() == DType::F64 {
+        gelu_erf_composed(xs)
+    } else {
         xs.gelu_erf()
     }
+}
+
+/// `x * Phi(x)` from candle's elementwise ops, exact in every dtype, forward and backward; the
+/// f64 reference path. candle's own `gelu_erf` backward rounds 1/sqrt(2 pi) to 0.398942 (7e-7
+/// relative), below what half precisions resolve, not what an f64 gradient check does.
+pub fn gelu_erf_composed(xs: &Tensor) -> Result<Tensor> {
+    let cdf = (((xs * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+    xs * cdf
 }
 
 /// erf for f32 as a rational function of x (Eigen's `generic_fast_erf_float`): accurate to a few
@@ -90,7 +107,7 @@ pub fn gelu_erf_backward(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
     if fused(xs) && grad.dtype() == xs.dtype() {
         xs.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBackward)
     } else {
-        Ok(super::vjp(|x| x[0].gelu_erf(), &[xs], grad)?.remove(0))
+        Ok(super::vjp(|x| gelu_erf_unfused(&x[0]), &[xs], grad)?.remove(0))
     }
 }
 

@@ -35,7 +35,7 @@ pub use attention::{
 pub use constant::{add, add_constant, mul_constant};
 pub(crate) use dropout_mask::{dropout_mask, mix, origin as dropout_origin};
 pub use gather_rows::{gather_rows, RowGather};
-pub use gelu::{gelu_erf, gelu_erf_backward};
+pub use gelu::{gelu_erf, gelu_erf_backward, gelu_erf_composed};
 pub use isa::{Isa, ISA_ENV};
 pub use l2_normalize::{l2_normalize, l2_normalize_composed};
 pub use layer_norm::{layer_norm, layer_norm_backward, layer_norm_composed};
@@ -230,7 +230,7 @@ mod tests {
         let sm_fused: Op = &|x| softmax_last_dim(x);
         let sm_composed: Op = &|x| softmax_last_dim_composed(x);
         let gelu_fused: Op = &|x| gelu_erf(x);
-        let gelu_composed: Op = &|x| x.gelu_erf();
+        let gelu_composed: Op = &|x| gelu_erf_composed(x);
         let l2_fused: Op = &|x| l2_normalize(x);
         let l2_composed: Op = &|x| l2_normalize_composed(x);
         for (name, fused, composed) in [
