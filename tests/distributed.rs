@@ -591,18 +591,20 @@ fn node_0_lost_on_etcd_leaves_node_1_training_alone_until_it_comes_back() {
     wait_ok(&mut one);
     seen.extend(rx.iter());
     let log = dump(&seen);
-    let (solo, rejoined) = (both + 1, both + 2);
+    let solo = both + 1;
     let solo_start = format!("round {solo}: starting ranks 0..1 of 1 (nodes [1])");
     assert!(first_line(&seen, 1, &["[launcher]", &solo_start]).is_some(), "{log}");
-    let change = format!("changing the nodes in round {rejoined}");
+    let change = format!("changing the nodes in round {}", solo + 1);
     assert!(first_line(&seen, 1, &["node 0 is waiting to join", &change]).is_some(), "{log}");
-    let rejoined_start = format!("round {rejoined}: starting");
-    for node in [1, 2] {
-        assert!(
-            first_line(&seen, node, &["[launcher]", &rejoined_start, "of 2 (nodes [0, 1])"]).is_some(),
-            "{log}"
-        );
-    }
+    // Both nodes then start one round together: the next one, or on a busy machine, where node 1
+    // was still stopping its worker when node 0's last call ended, the one after.
+    let together = |round: u64| {
+        let start = format!("round {round}: starting");
+        [1, 2]
+            .iter()
+            .all(|&node| first_line(&seen, node, &["[launcher]", &start, "of 2 (nodes [0, 1])"]).is_some())
+    };
+    assert!(together(solo + 1) || together(solo + 2), "{log}");
     let diff = common::max_weight_diff(&final_weights(straight.path()), &final_weights(elastic.path()));
     assert!(diff < 1e-5, "weights differ by {diff} from the uninterrupted run:\n{log}");
 }

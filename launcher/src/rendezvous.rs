@@ -332,7 +332,8 @@ impl Rendezvous {
                 return Ok(None);
             }
             if let Some(ending) = self.ended(round.number)? {
-                return Ok(Some(ending));
+                // The job finished between the two reads: the last node saw this one done.
+                return Ok((!ending.is_job_finished()).then_some(ending));
             }
             if Instant::now() >= deadline {
                 let waiting: Vec<usize> =
@@ -372,18 +373,25 @@ mod tests {
         }
     }
 
+    /// Nodes 0 and 1 of a 2-node job join round 0; returns node 0's client, the round, and what
+    /// node 1 joined.
+    fn two_nodes_join(addr: &str) -> (Rendezvous, Round, Round) {
+        let joiner = {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || node(&addr, 1, nodes(2, 2)).join(0).unwrap().unwrap())
+        };
+        let mut zero = node(addr, 0, nodes(2, 2));
+        let round = zero.join(0).unwrap().unwrap();
+        (zero, round, joiner.join().unwrap())
+    }
+
     #[test]
     fn rounds_start_together_end_everywhere_and_a_replacement_moves_on() {
         let server = StoreServer::start("127.0.0.1:0").unwrap();
         let addr = server.addr.to_string();
-        let joiner = {
-            let addr = addr.clone();
-            std::thread::spawn(move || node(&addr, 1, nodes(2, 2)).join(0).unwrap().unwrap())
-        };
-        let mut zero = node(&addr, 0, nodes(2, 2));
-        let first = zero.join(0).unwrap().unwrap();
+        let (mut zero, first, joined) = two_nodes_join(&addr);
         assert_eq!(first, Round { number: 0, members: vec![0, 1] });
-        assert_eq!(joiner.join().unwrap(), first);
+        assert_eq!(joined, first);
 
         // Node 1's launcher is replaced: the new one ends round 0 and waits in round 1.
         let replacement = {
@@ -445,6 +453,20 @@ mod tests {
         assert_eq!(one.finish(&alone).unwrap(), None);
         assert_eq!(waiting.join().unwrap(), None);
         assert_eq!(node(&addr, 0, nodes(1, 2)).join(0).unwrap(), None);
+    }
+
+    /// The last node to finish marks the job finished; a node whose read of the done nodes came
+    /// just before (itself only) and whose read of the ending came just after finds the job
+    /// finished, not a round to leave.
+    #[test]
+    fn the_job_finishing_between_a_nodes_two_reads_is_its_finish() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let (mut zero, round, _) = two_nodes_join(&addr);
+        // The state node 1's second read meets: the round ended as the job finished, node 0's
+        // done key not yet visible to its first read.
+        zero.end(0, &Ending::job_finished()).unwrap();
+        assert_eq!(node(&addr, 1, nodes(2, 2)).finish(&round).unwrap(), None);
     }
 
     #[test]
