@@ -144,7 +144,8 @@ impl Module for Linear {
         let in_dim = out_dims.pop().expect("linear input has a last dimension");
         out_dims.push(self.weight.dim(0)?);
         let flat = xs.reshape(((), in_dim))?;
-        let (weight, bias) = (self.weight.to_dtype(xs.dtype())?, self.bias.to_dtype(xs.dtype())?);
+        let (weight, bias) =
+            (ops::to_dtype(&self.weight, xs.dtype())?, ops::to_dtype(&self.bias, xs.dtype())?);
         ops::linear(&flat, &weight, &bias)?.reshape(out_dims)
     }
 }
@@ -256,9 +257,10 @@ impl SelfAttention {
         compute: DType,
     ) -> Result<(Tensor, backward::AttentionActivations)> {
         let head_dim = xs.dim(1)? / self.num_heads;
-        let xs_c = xs.to_dtype(compute)?;
+        let xs_c = ops::to_dtype(xs, compute)?;
         let query_rows = queries.select(xs)?;
-        let queries_c = if queries.selects_all() { xs_c.clone() } else { query_rows.to_dtype(compute)? };
+        let queries_c =
+            if queries.selects_all() { xs_c.clone() } else { ops::to_dtype(&query_rows, compute)? };
         let q = self.query.forward(&queries_c)?;
         let (k, v) = (self.key.forward(&xs_c)?, self.value.forward(&xs_c)?);
         let (context, core) = if ops::packed_attention_serves(&q) {
@@ -267,15 +269,15 @@ impl SelfAttention {
             (context, backward::AttentionCore::Packed { q, k, v, attention })
         } else {
             let (q, k, v) = (self.heads(&q, queries)?, self.heads(&k, keys)?, self.heads(&v, keys)?);
-            let scores = ops::matmul(&q, &k.t()?)?.to_dtype(xs.dtype())?;
+            let scores = ops::to_dtype(&ops::matmul(&q, &k.t()?)?, xs.dtype())?;
             let probs = ops::attention_softmax(&scores, 1.0 / (head_dim as f64).sqrt(), mask_bias)?;
-            let kept = dropout.apply(&probs, Site::AttentionProbs(self.layer))?.to_dtype(compute)?;
+            let kept = ops::to_dtype(&dropout.apply(&probs, Site::AttentionProbs(self.layer))?, compute)?;
             let context = queries.pack(&ops::matmul_merge_heads(&kept, &v)?)?;
             (context, backward::AttentionCore::Padded { q, k, v, probs, kept })
         };
         let out = self.output.forward(&context)?;
         let out = queries.dropout().apply(&out, Site::AttentionOutput(self.layer))?;
-        let residual = ops::add(&out.to_dtype(xs.dtype())?, &query_rows)?;
+        let residual = ops::add(&ops::to_dtype(&out, xs.dtype())?, &query_rows)?;
         let saved = backward::AttentionActivations {
             xs: xs_c,
             queries: queries_c,
@@ -348,7 +350,7 @@ impl FeedForward {
         dropout: &Dropout,
         compute: DType,
     ) -> Result<(Tensor, backward::FeedForwardActivations)> {
-        let xs_c = xs.to_dtype(compute)?;
+        let xs_c = ops::to_dtype(xs, compute)?;
         let inner = self.intermediate.forward(&xs_c)?;
         let activated = match self.act {
             HiddenAct::Gelu => ops::gelu_erf(&inner)?,
@@ -356,7 +358,7 @@ impl FeedForward {
             HiddenAct::Relu => inner.relu()?,
         };
         let out = dropout.apply(&self.output.forward(&activated)?, Site::FeedForwardOutput(self.layer))?;
-        let residual = ops::add(&out.to_dtype(xs.dtype())?, xs)?;
+        let residual = ops::add(&ops::to_dtype(&out, xs.dtype())?, xs)?;
         let saved =
             backward::FeedForwardActivations { xs: xs_c, inner, activated, residual: residual.clone() };
         Ok((self.layer_norm.forward(&residual)?, saved))

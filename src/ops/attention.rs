@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::dropout_mask::{mask_run, mix, threshold_and_scale, MaskRun};
 use super::math::exp;
-use super::{cpu_f32, Isa};
+use super::{cpu_f32, to_dtype, Isa};
 
 /// Which rows of the packed queries and keys each example owns: `(first row, rows)` each, in row
 /// order, the queries at positions `0..rows` of their example and the keys likewise.
@@ -41,15 +41,19 @@ pub struct PackedAttention {
     pub dropout: Option<AttentionDropout>,
 }
 
-/// Whether [`packed_attention`] has a kernel for `xs`'s dtype and device: f32 on the CPU.
+/// Whether [`packed_attention`] has a kernel for `xs`'s dtype and device: f32 on the CPU, and
+/// bf16 there, whose scores, softmax and context the kernel computes in f32 (autocast would
+/// round the scores and the probabilities to bf16 between its products) and rounds once.
 pub fn packed_attention_serves(xs: &Tensor) -> bool {
-    xs.dtype() == DType::F32 && xs.device().is_cpu()
+    super::cast::cpu_kernels_take(xs)
 }
 
 /// The context `[queries, hidden]` of packed queries `q` over packed keys `k` and values `v`
-/// (`[keys, hidden]`, heads in column blocks). Differentiable.
+/// (`[keys, hidden]`, heads in column blocks), in their dtype. Differentiable.
 pub fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, attention: &PackedAttention) -> Result<Tensor> {
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, attention.clone())
+    let f32 = |t: &Tensor| to_dtype(t, DType::F32)?.contiguous();
+    let context = f32(q)?.apply_op3(&f32(k)?, &f32(v)?, attention.clone())?;
+    to_dtype(&context, q.dtype())
 }
 
 /// The gradients of `q`, `k` and `v` from the context's.
@@ -61,8 +65,9 @@ pub fn packed_attention_backward(
     attention: &PackedAttention,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (queries, keys) = (q.dim(0)?, k.dim(0)?);
-    let inputs = Tensor::cat(&[q, k, v], 0)?;
-    let all = inputs.apply_op2_no_bwd(&grad.contiguous()?, &Backward(attention.clone()))?;
+    let inputs = to_dtype(&Tensor::cat(&[q, k, v], 0)?, DType::F32)?;
+    let grad = to_dtype(grad, DType::F32)?.contiguous()?;
+    let all = to_dtype(&inputs.apply_op2_no_bwd(&grad, &Backward(attention.clone()))?, q.dtype())?;
     Ok((all.narrow(0, 0, queries)?, all.narrow(0, queries, keys)?, all.narrow(0, queries + keys, keys)?))
 }
 

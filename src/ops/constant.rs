@@ -1,9 +1,12 @@
 //! Elementwise sums and products: with a constant second operand (attention and dropout masks),
-//! no gradient work for it; on the CPU, f32 operands of one shape are split across threads
-//! (candle's binary ops run on one).
+//! no gradient work for it; on the CPU, f32 and bf16 operands of one shape are split across
+//! threads (candle's binary ops run on one).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use half::bf16;
 use rayon::prelude::*;
+
+use super::cast::{cpu_slice, Element};
 
 /// `lhs + rhs`, operands of one shape.
 pub fn add(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
@@ -56,6 +59,25 @@ impl Elementwise {
         };
         Ok((out, l1.shape().clone()))
     }
+
+    /// The op over contiguous operands of one element type, across threads.
+    fn cpu<T: Element>(
+        self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (cpu_slice::<T>(s1, l1, self.name())?, cpu_slice::<T>(s2, l2, self.name())?);
+        let mut out = Vec::new();
+        let pairs = a.par_iter().zip(b.par_iter()).with_min_len(1 << 14);
+        if self.is_add() {
+            pairs.map(|(a, b)| T::from_f32(a.to_f32() + b.to_f32())).collect_into_vec(&mut out);
+        } else {
+            pairs.map(|(a, b)| T::from_f32(a.to_f32() * b.to_f32())).collect_into_vec(&mut out);
+        }
+        Ok((T::storage(out), l1.shape().clone()))
+    }
 }
 
 impl CustomOp2 for Elementwise {
@@ -74,21 +96,15 @@ impl CustomOp2 for Elementwise {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let contiguous = |l: &Layout| l.contiguous_offsets().map(|(start, end)| start..end);
-        let (CpuStorage::F32(a), CpuStorage::F32(b), Some(ra), Some(rb)) =
-            (s1, s2, contiguous(l1), contiguous(l2))
-        else {
+        let contiguous = |l: &Layout| l.contiguous_offsets().is_some();
+        if !(contiguous(l1) && contiguous(l2)) {
             return self.apply(s1, l1, s2, l2);
-        };
-        let (a, b) = (&a[ra], &b[rb]);
-        let mut out = Vec::new();
-        let pairs = a.par_iter().zip(b.par_iter()).with_min_len(1 << 14);
-        if self.is_add() {
-            pairs.map(|(a, b)| a + b).collect_into_vec(&mut out);
-        } else {
-            pairs.map(|(a, b)| a * b).collect_into_vec(&mut out);
         }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.cpu::<f32>(s1, l1, s2, l2),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.cpu::<bf16>(s1, l1, s2, l2),
+            _ => self.apply(s1, l1, s2, l2),
+        }
     }
 
     #[cfg(feature = "cuda")]

@@ -3,15 +3,18 @@
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
 
+use super::cast::{cpu_kernels_take, cpu_slice, Element};
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::fused;
 use super::math::exp;
-use super::{cpu_f32, fused};
 
-/// The exact GELU, `x * Phi(x)` with `Phi` the standard normal CDF (BERT's `gelu`).
+/// The exact GELU, `x * Phi(x)` with `Phi` the standard normal CDF (BERT's `gelu`); f32, and
+/// bf16 on the CPU (computed in f32).
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    if fused(xs) {
+    if fused(xs) || cpu_kernels_take(xs) {
         xs.contiguous()?.apply_op1(GeluErf)
     } else {
         gelu_erf_unfused(xs)
@@ -62,21 +65,11 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = cpu_f32(storage, layout, self.name())?;
-        // SAFETY: `write` writes each element of its piece from the input element beside it.
-        let dst = unsafe {
-            super::written_in_pieces(
-                src.len(),
-                4096,
-                #[inline(always)]
-                |piece: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
-                    for (d, &x) in dst.iter_mut().zip(&src[piece * 4096..]) {
-                        d.write(0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2)));
-                    }
-                },
-            )
+        let out = match storage {
+            CpuStorage::BF16(_) => bf16::storage(gelu_cpu::<bf16>(cpu_slice(storage, layout, self.name())?)),
+            _ => f32::storage(gelu_cpu::<f32>(cpu_slice(storage, layout, self.name())?)),
         };
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+        Ok((out, layout.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -102,9 +95,26 @@ impl CustomOp1 for GeluErf {
     }
 }
 
+fn gelu_cpu<T: Element>(src: &[T]) -> Vec<T> {
+    // SAFETY: `write` writes each element of its piece from the input element beside it.
+    unsafe {
+        super::written_in_pieces(
+            src.len(),
+            4096,
+            #[inline(always)]
+            |piece: usize, dst: &mut [std::mem::MaybeUninit<T>]| {
+                for (d, &x) in dst.iter_mut().zip(&src[piece * 4096..]) {
+                    let x = x.to_f32();
+                    d.write(T::from_f32(0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))));
+                }
+            },
+        )
+    }
+}
+
 /// The GELU's input gradient from its input and the output's gradient.
 pub fn gelu_erf_backward(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    if fused(xs) && grad.dtype() == xs.dtype() {
+    if (fused(xs) || cpu_kernels_take(xs)) && grad.dtype() == xs.dtype() {
         xs.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBackward)
     } else {
         Ok(super::vjp(|x| gelu_erf_unfused(&x[0]), &[xs], grad)?.remove(0))
@@ -126,29 +136,14 @@ impl CustomOp2 for GeluErfBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        // d/dx x Phi(x) = Phi(x) + x phi(x)
-        let (xs, gs) = (cpu_f32(s1, l1, self.name())?, cpu_f32(s2, l2, self.name())?);
-        let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
-        if xs.len() != gs.len() {
-            candle_core::bail!("{}: {} inputs, {} gradients", self.name(), xs.len(), gs.len());
-        }
-        // SAFETY: inputs and gradients are as long as the output; each element is written.
-        let dx = unsafe {
-            super::written_in_pieces(
-                xs.len(),
-                4096,
-                #[inline(always)]
-                |piece: usize, dx: &mut [std::mem::MaybeUninit<f32>]| {
-                    let (xs, gs) = (&xs[piece * 4096..], &gs[piece * 4096..]);
-                    for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(gs) {
-                        let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                        let pdf = inv_sqrt_2pi * exp(-0.5 * x * x);
-                        d.write(g * (cdf + x * pdf));
-                    }
-                },
-            )
+        let name = self.name();
+        let dx = match s1 {
+            CpuStorage::BF16(_) => {
+                bf16::storage(gelu_backward_cpu::<bf16>(cpu_slice(s1, l1, name)?, cpu_slice(s2, l2, name)?)?)
+            }
+            _ => f32::storage(gelu_backward_cpu::<f32>(cpu_slice(s1, l1, name)?, cpu_slice(s2, l2, name)?)?),
         };
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((dx, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -170,6 +165,31 @@ impl CustomOp2 for GeluErfBackward {
         unsafe { func.launch(args, cuda::elementwise(n))? };
         Ok((cuda::output(dx, &s1.device), l1.shape().clone()))
     }
+}
+
+/// `grad * d/dx x Phi(x)`, with d/dx x Phi(x) = Phi(x) + x phi(x).
+fn gelu_backward_cpu<T: Element>(xs: &[T], gs: &[T]) -> Result<Vec<T>> {
+    let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
+    if xs.len() != gs.len() {
+        candle_core::bail!("kdmcse-gelu-erf-backward: {} inputs, {} gradients", xs.len(), gs.len());
+    }
+    // SAFETY: inputs and gradients are as long as the output; each element is written.
+    Ok(unsafe {
+        super::written_in_pieces(
+            xs.len(),
+            4096,
+            #[inline(always)]
+            |piece: usize, dx: &mut [std::mem::MaybeUninit<T>]| {
+                let (xs, gs) = (&xs[piece * 4096..], &gs[piece * 4096..]);
+                for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(gs) {
+                    let x = x.to_f32();
+                    let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                    let pdf = inv_sqrt_2pi * exp(-0.5 * x * x);
+                    d.write(T::from_f32(g.to_f32() * (cdf + x * pdf)));
+                }
+            },
+        )
+    })
 }
 
 #[cfg(test)]

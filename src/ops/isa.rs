@@ -1,9 +1,11 @@
-//! Which x86 vector extensions the CPU kernels run with, chosen once per process: AVX-512
-//! (x86-64-v4), AVX2 with FMA (v3), or the x86-64 baseline (SSE2), the best this CPU has unless
-//! `KDMCSE_ISA` names a lower one. A kernel's body is an `#[inline(always)]` function or closure;
-//! [`Isa::run`] calls it inside a function compiled for the level, so each level gets its own
-//! machine code, and all of them compute the same bits: Rust neither reorders nor contracts float
-//! arithmetic, so wider vectors change only how many elements one instruction handles.
+//! Which x86 vector extensions the CPU kernels run with, chosen once per process: AVX-512 with
+//! AMX's bf16 tiles, AVX-512 (x86-64-v4), AVX2 with FMA (v3), or the x86-64 baseline (SSE2), the
+//! best this CPU has unless `KDMCSE_ISA` names a lower one. A kernel's body is an
+//! `#[inline(always)]` function or closure; [`Isa::run`] calls it inside a function compiled for
+//! the level, so each level gets its own machine code, and all of them compute the same bits:
+//! Rust neither reorders nor contracts float arithmetic, so wider vectors change only how many
+//! elements one instruction handles. The one exception is AMX's: bf16 products on its tiles sum
+//! in the tiles' order, agreeing with the other levels' to f32 rounding.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -13,6 +15,8 @@ pub enum Isa {
     Baseline,
     Avx2,
     Avx512,
+    /// AVX-512, and bf16 products on AMX tiles.
+    Amx,
 }
 
 /// The environment variable that caps the level.
@@ -22,7 +26,7 @@ pub const ISA_ENV: &str = "KDMCSE_ISA";
 static SELECTED: AtomicU8 = AtomicU8::new(0);
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Baseline, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Amx];
 
     /// `KDMCSE_ISA`'s spelling of the level.
     pub fn name(self) -> &'static str {
@@ -30,6 +34,7 @@ impl Isa {
             Isa::Baseline => "baseline",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
@@ -39,7 +44,7 @@ impl Isa {
         {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx512f") && has!("avx512dq") && has!("avx512bw") && has!("avx512vl") {
-                return Isa::Avx512;
+                return if super::matmul::amx_usable() { Isa::Amx } else { Isa::Avx512 };
             }
             if has!("avx2") && has!("fma") {
                 return Isa::Avx2;
@@ -56,7 +61,7 @@ impl Isa {
             Err(_) => Ok(detected),
             Ok(value) => match Isa::ALL.into_iter().find(|isa| isa.name() == value) {
                 Some(isa) => Ok(isa.min(detected)),
-                None => Err(format!("{ISA_ENV}={value:?}: expected baseline, avx2 or avx512")),
+                None => Err(format!("{ISA_ENV}={value:?}: expected baseline, avx2, avx512 or amx")),
             },
         }
     }
@@ -90,7 +95,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         match self.min(Isa::detected_cached()) {
             // SAFETY: the CPU has the level's features (at most the detected level runs).
-            Isa::Avx512 => return unsafe { x86::avx512(kernel) },
+            Isa::Amx | Isa::Avx512 => return unsafe { x86::avx512(kernel) },
             Isa::Avx2 => return unsafe { x86::avx2(kernel) },
             Isa::Baseline => {}
         }

@@ -8,11 +8,14 @@
 //! GPU they are candle's, which already use the device's threads). On other devices and dtypes
 //! every op falls back to a composition of candle primitives (and [`vjp`]); the composed
 //! versions are public so tests can check the fused kernels against them. Every CPU kernel runs
-//! in the vector extensions [`Isa`] selects, each level giving the same bits.
+//! in the vector extensions [`Isa`] selects, each level giving the same bits. The ops autocast
+//! runs in bf16 (products, GELU, sums, masks, attention) take bf16 on the CPU too, computed in f32
+//! and rounded once ([`to_dtype`]'s module); bf16 products run on AMX tiles where the CPU has them.
 
 mod adamw;
 mod angular_cross_entropy;
 mod attention;
+mod cast;
 mod constant;
 mod dropout_mask;
 mod gather_rows;
@@ -32,6 +35,7 @@ pub use attention::{
     packed_attention, packed_attention_backward, packed_attention_serves, AttentionDropout, AttentionRows,
     PackedAttention,
 };
+pub use cast::to_dtype;
 pub use constant::{add, add_constant, mul_constant};
 pub(crate) use dropout_mask::{dropout_mask, mix, origin as dropout_origin};
 pub use gather_rows::{gather_rows, RowGather};
@@ -87,14 +91,7 @@ fn fused(xs: &Tensor) -> bool {
 
 /// The contiguous f32 data of a CPU custom op's input.
 pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(data) => data,
-        _ => candle_core::bail!("{op}: expected f32 input"),
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
+    cast::cpu_slice(storage, layout, op)
 }
 
 /// A CPU kernel's output of `len` elements, in pieces of `piece` elements (the last may be

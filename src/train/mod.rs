@@ -148,7 +148,13 @@ impl<'c> Trainer<'c> {
             Inputs::load(&cfg, comm.world_size(), &device).map_err(InputError::wrap)?;
         let t = &cfg.train;
         if device.is_cpu() && t.precision == Precision::Bf16 {
-            tracing::warn!("train.precision = \"bf16\" on the CPU is correct but slower than fp32");
+            // Without AMX the products widen bf16 operands to f32 (ops::matmul).
+            if crate::ops::Isa::selected() < crate::ops::Isa::Amx {
+                tracing::warn!(
+                    "train.precision = \"bf16\" on a CPU without AMX (or with KDMCSE_ISA below amx) rounds \
+                     like bf16 but multiplies in f32: about fp32's speed, not faster"
+                );
+            }
         }
         // A process-wide cuBLAS switch (a no-op without CUDA).
         candle_core::cuda::set_gemm_reduced_precision_f32(t.tf32);

@@ -84,13 +84,13 @@ impl Linear {
     fn backward(&self, input: &Tensor, grad_out: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let x = input.reshape(((), in_dim))?;
-        let g = grad_out.to_dtype(x.dtype())?.reshape(((), out_dim))?;
-        grads.insert(&self.weight, ops::matmul(&g.t()?, &x)?.to_dtype(self.weight.dtype())?);
+        let g = ops::to_dtype(grad_out, x.dtype())?.reshape(((), out_dim))?;
+        grads.insert(&self.weight, ops::to_dtype(&ops::matmul(&g.t()?, &x)?, self.weight.dtype())?);
         // Summed in the bias's dtype: a bf16 sum over thousands of rows would lose the gradient.
-        grads.insert(&self.bias, ops::sum_rows(&g.to_dtype(self.bias.dtype())?)?);
+        grads.insert(&self.bias, ops::sum_rows(&ops::to_dtype(&g, self.bias.dtype())?)?);
         let mut dims = grad_out.dims().to_vec();
         *dims.last_mut().expect("a linear output has a last dimension") = in_dim;
-        ops::matmul(&g, &self.weight.to_dtype(x.dtype())?)?.reshape(dims)
+        ops::matmul(&g, &ops::to_dtype(&self.weight, x.dtype())?)?.reshape(dims)
     }
 }
 
@@ -145,7 +145,7 @@ impl SelfAttention {
         let head_dim = a.xs.dim(1)? / self.num_heads;
         let compute = a.xs.dtype();
         let d_residual = self.layer_norm.backward(&a.residual, grad, grads)?;
-        let d_out = d_residual.to_dtype(compute)?;
+        let d_out = ops::to_dtype(&d_residual, compute)?;
         let d_out = queries.dropout().apply(&d_out, Site::AttentionOutput(self.layer))?;
         let d_context = self.output.backward(&a.context, &d_out, grads)?;
         let (d_q, d_k, d_v) = match &a.core {
@@ -154,11 +154,12 @@ impl SelfAttention {
             }
             AttentionCore::Padded { q, k, v, probs, kept } => {
                 let d_context = self.heads(&d_context, queries)?;
-                let d_kept = ops::matmul(&d_context, &v.t()?)?.to_dtype(probs.dtype())?;
+                let d_kept = ops::to_dtype(&ops::matmul(&d_context, &v.t()?)?, probs.dtype())?;
                 let d_v = keys.pack(&ops::matmul_merge_heads(&kept.t()?, &d_context)?)?;
                 let d_probs = dropout.apply(&d_kept, Site::AttentionProbs(self.layer))?;
                 let scale = 1.0 / (head_dim as f64).sqrt();
-                let d_scores = ops::attention_softmax_backward(probs, &d_probs, scale)?.to_dtype(compute)?;
+                let d_scores =
+                    ops::to_dtype(&ops::attention_softmax_backward(probs, &d_probs, scale)?, compute)?;
                 let d_q = queries.pack(&ops::matmul_merge_heads(&d_scores, k)?)?;
                 (d_q, keys.pack(&ops::matmul_merge_heads(&d_scores.t()?, q)?)?, d_v)
             }
@@ -166,8 +167,8 @@ impl SelfAttention {
         let d_queries = self.query.backward(&a.queries, &d_q, grads)?;
         let d_keys = self.key.backward(&a.xs, &d_k, grads)?;
         let d_values = self.value.backward(&a.xs, &d_v, grads)?;
-        let d_queries = ops::add(&d_queries.to_dtype(grad.dtype())?, &d_residual)?;
-        let d_xs = ops::add(&d_keys, &d_values)?.to_dtype(grad.dtype())?;
+        let d_queries = ops::add(&ops::to_dtype(&d_queries, grad.dtype())?, &d_residual)?;
+        let d_xs = ops::to_dtype(&ops::add(&d_keys, &d_values)?, grad.dtype())?;
         ops::add(&d_xs, &queries.unselect(&d_queries)?)
     }
 }
@@ -182,8 +183,8 @@ impl FeedForward {
         grads: &mut GradStore,
     ) -> Result<Tensor> {
         let d_residual = self.layer_norm.backward(&saved.residual, grad, grads)?;
-        let d_out =
-            dropout.apply(&d_residual.to_dtype(saved.xs.dtype())?, Site::FeedForwardOutput(self.layer))?;
+        let d_out = dropout
+            .apply(&ops::to_dtype(&d_residual, saved.xs.dtype())?, Site::FeedForwardOutput(self.layer))?;
         let d_activated = self.output.backward(&saved.activated, &d_out, grads)?;
         let d_inner = match self.act {
             HiddenAct::Gelu => ops::gelu_erf_backward(&saved.inner, &d_activated)?,
@@ -191,6 +192,6 @@ impl FeedForward {
             HiddenAct::Relu => ops::vjp(|x| x[0].relu(), &[&saved.inner], &d_activated)?.remove(0),
         };
         let d_xs = self.intermediate.backward(&saved.xs, &d_inner, grads)?;
-        ops::add(&d_xs.to_dtype(d_residual.dtype())?, &d_residual)
+        ops::add(&ops::to_dtype(&d_xs, d_residual.dtype())?, &d_residual)
     }
 }
