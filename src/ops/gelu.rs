@@ -138,10 +138,16 @@ impl CustomOp2 for GeluErfBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
         let dx = match s1 {
-            CpuStorage::BF16(_) => {
-                bf16::storage(gelu_backward_cpu::<bf16>(cpu_slice(s1, l1, name)?, cpu_slice(s2, l2, name)?)?)
-            }
-            _ => f32::storage(gelu_backward_cpu::<f32>(cpu_slice(s1, l1, name)?, cpu_slice(s2, l2, name)?)?),
+            CpuStorage::BF16(_) => bf16::storage(gelu_backward_cpu::<bf16>(
+                cpu_slice(s1, l1, name)?,
+                cpu_slice(s2, l2, name)?,
+                name,
+            )?),
+            _ => f32::storage(gelu_backward_cpu::<f32>(
+                cpu_slice(s1, l1, name)?,
+                cpu_slice(s2, l2, name)?,
+                name,
+            )?),
         };
         Ok((dx, l1.shape().clone()))
     }
@@ -168,10 +174,10 @@ impl CustomOp2 for GeluErfBackward {
 }
 
 /// `grad * d/dx x Phi(x)`, with d/dx x Phi(x) = Phi(x) + x phi(x).
-fn gelu_backward_cpu<T: Element>(xs: &[T], gs: &[T]) -> Result<Vec<T>> {
+fn gelu_backward_cpu<T: Element>(xs: &[T], gs: &[T], op: &str) -> Result<Vec<T>> {
     let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
     if xs.len() != gs.len() {
-        candle_core::bail!("kdmcse-gelu-erf-backward: {} inputs, {} gradients", xs.len(), gs.len());
+        candle_core::bail!("{op}: {} inputs, {} gradients", xs.len(), gs.len());
     }
     // SAFETY: inputs and gradients are as long as the output; each element is written.
     Ok(unsafe {

@@ -5,7 +5,8 @@
 //! the level, so each level gets its own machine code, and all of them compute the same bits:
 //! Rust neither reorders nor contracts float arithmetic, so wider vectors change only how many
 //! elements one instruction handles. The one exception is AMX's: bf16 products on its tiles sum
-//! in the tiles' order, agreeing with the other levels' to f32 rounding.
+//! in the tiles' order, so their f32 sums agree with the other levels' to rounding and the bf16
+//! results to within one bf16 step.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

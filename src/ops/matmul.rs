@@ -497,9 +497,9 @@ mod tests {
 
     /// bf16 products on AMX tiles equal the widened f32 products rounded: exactly on small
     /// integers (any order of summing them is exact, so every element must land where it
-    /// belongs), to a bf16 rounding on random values; every edge of the 16 x 32 tiles and 32 x 32 blocks, transposed
-    /// operands, a bias, one product on all threads and batches of one per thread (plain, heads
-    /// split from the hidden dimension, heads merged into it).
+    /// belongs), to a bf16 rounding on random values; every edge of the 16 x 32 tiles and
+    /// 32 x 32 blocks, transposed operands, a bias, one product on all threads and batches of one
+    /// per thread (plain, heads split from the hidden dimension, heads merged into it).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn amx_products_equal_the_widened_products() {

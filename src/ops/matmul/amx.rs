@@ -277,6 +277,11 @@ unsafe fn compute(
             for (tile, sums) in sums.iter().enumerate() {
                 let (row0, col0) = (32 * row_block + 16 * (tile / 2), 32 * col_block + 16 * (tile % 2));
                 let width = cols.saturating_sub(col0).min(ROWS);
+                // A tile of the padding past the last column: nothing to write, and no pointer
+                // past the output or the bias to form.
+                if width == 0 {
+                    continue;
+                }
                 let bias = bias.map(|Bias(bias)| std::slice::from_raw_parts(bias.add(col0), width));
                 for r in 0..rows.saturating_sub(row0).min(ROWS) {
                     let dst = std::slice::from_raw_parts_mut(
