@@ -91,15 +91,16 @@ pub fn cross_entropy_diagonal(logits: &Tensor, row_offset: usize) -> Result<Tens
 /// One InfoNCE term over the cosines `cos` `[rows, cols]`: the mean over rows of the
 /// cross-entropy of `angular_logits / temp` with target `row_offset + i`, the negatives whose
 /// `filter` score (scores `[rows, cols]`, threshold) exceeds the threshold left out of the
-/// softmax; and how many the filter left out. One fused pass each way where a kernel serves
-/// (f32 on the CPU or CUDA), [`angular_infonce_composed`] elsewhere.
+/// softmax; and with a filter, how many it left out (an f64 scalar, read with [`count`], so a
+/// caller reads it once, on the host). One fused pass each way where a kernel serves (f32 on the
+/// CPU or CUDA), [`angular_infonce_composed`] elsewhere.
 pub fn angular_infonce(
     cos: &Tensor,
     margin: Margin,
     filter: Option<(&Tensor, f64)>,
     temp: f64,
     row_offset: usize,
-) -> Result<(Tensor, usize)> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let term = AngularTerm {
         temp,
         margin: margin.base(),
@@ -114,12 +115,14 @@ pub fn angular_infonce(
         return angular_infonce_composed(cos, margin, filter, temp, row_offset);
     }
     let per_row = angular_cross_entropy(cos, &term)?;
-    let removed = match filter {
-        // Summed in f64: a pool's count can pass f32's exact integers.
-        Some(_) => per_row.narrow(1, 1, 1)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize,
-        None => 0,
-    };
+    // Summed in f64: a pool's count can pass f32's exact integers.
+    let removed = filter.map(|_| per_row.narrow(1, 1, 1)?.to_dtype(DType::F64)?.sum_all()).transpose()?;
     Ok((per_row.narrow(1, 0, 1)?.mean_all()?, removed))
+}
+
+/// The count of removed negatives [`angular_infonce`] returned (0 without a filter).
+pub fn count(removed: Option<&Tensor>) -> Result<usize> {
+    removed.map_or(Ok(0), |r| Ok(r.to_scalar::<f64>()? as usize))
 }
 
 /// [`angular_infonce`] from candle's primitives, the reference for the fused kernel.
@@ -129,14 +132,14 @@ pub fn angular_infonce_composed(
     filter: Option<(&Tensor, f64)>,
     temp: f64,
     row_offset: usize,
-) -> Result<(Tensor, usize)> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let logits = (angular_logits(cos, margin, row_offset)? / temp)?;
     let Some((scores, threshold)) = filter else {
-        return Ok((cross_entropy_diagonal(&logits, row_offset)?, 0));
+        return Ok((cross_entropy_diagonal(&logits, row_offset)?, None));
     };
     let mask = filter_mask(scores, threshold, row_offset)?;
-    let removed = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? as usize;
-    Ok((cross_entropy_diagonal(&(logits + (mask * MASKED_LOGIT)?)?, row_offset)?, removed))
+    let removed = mask.to_dtype(DType::F64)?.sum_all()?;
+    Ok((cross_entropy_diagonal(&(logits + (mask * MASKED_LOGIT)?)?, row_offset)?, Some(removed)))
 }
 
 /// f32 `[rows, cols]`, 1 where `scores` exceeds `threshold` off the diagonal.
@@ -372,7 +375,10 @@ impl Objective {
             Some(f) => (Some(f.scores(g.cap_rows, g.img_cols)?), Some(f.scores(g.img_rows, g.cap_cols)?)),
             None => (None, None),
         };
-        let term = |cols: &Tensor, similarity: &Tensor, scores: Option<&Tensor>| -> Result<(Tensor, usize)> {
+        let term = |cols: &Tensor,
+                    similarity: &Tensor,
+                    scores: Option<&Tensor>|
+         -> Result<(Tensor, Option<Tensor>)> {
             let margin = Margin::Adaptive { base: self.margin_vl, teacher_similarity: similarity };
             let filter = scores.map(|s| (s, self.filter_threshold));
             let view = |p: &Tensor| {
@@ -384,7 +390,12 @@ impl Objective {
         };
         let (image, removed_pv) = term(&v, &vv, scores_pv.as_ref())?;
         let (caption, removed_pt) = term(&t, &cc, scores_pt.as_ref())?;
-        Ok(((image + caption)?, removed_pv + removed_pt))
+        // One read of the two counts: each read waits for the device.
+        let removed = match (removed_pv, removed_pt) {
+            (Some(pv), Some(pt)) => Some((pv + pt)?),
+            _ => None,
+        };
+        Ok(((image + caption)?, count(removed.as_ref())?))
     }
 
     /// `L_tt` for a text batch; `L_tt + lambda * (L_img + L_cap)` for a paired batch.
@@ -442,6 +453,7 @@ mod tests {
             let (fused, removed) = angular_infonce(cos.as_tensor(), margin, filter, 0.05, offset).unwrap();
             let (composed, expected) =
                 angular_infonce_composed(cos.as_tensor(), margin, filter, 0.05, offset).unwrap();
+            let (removed, expected) = (count(removed.as_ref()).unwrap(), count(expected.as_ref()).unwrap());
             assert_eq!(removed, expected, "{what}: removed");
             assert!(filter.is_none() || removed > 0, "{what}: the filter removed nothing");
             let (f, c) = (scalar(&fused).unwrap(), scalar(&composed).unwrap());

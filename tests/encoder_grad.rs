@@ -3,7 +3,7 @@
 //! gradient, the gradients agree with central finite differences, and the written-out backward
 //! the trainer runs gives candle autograd's gradients.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{Module, VarBuilder, VarMap};
 use kdmcse::data::TokenBatch;
 use kdmcse::loss::{Grounding, Objective};
@@ -72,10 +72,10 @@ fn every_parameter_gets_a_nonzero_gradient() {
     }
 }
 
-/// Values drawn from `rng` uniformly over `[lo, hi]`, shaped like `like`.
-fn uniform_like(rng: &mut ChaCha8Rng, like: &Tensor, lo: f64, hi: f64) -> Tensor {
-    let values: Vec<f64> = (0..like.elem_count()).map(|_| rng.random_range(lo..=hi)).collect();
-    Tensor::from_vec(values, like.shape(), like.device()).unwrap()
+/// f64 values drawn from `rng` uniformly over `[lo, hi]`, in `shape`.
+fn uniform(rng: &mut ChaCha8Rng, shape: &Shape, lo: f64, hi: f64) -> Tensor {
+    let values: Vec<f64> = (0..shape.elem_count()).map(|_| rng.random_range(lo..=hi)).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
 /// The tiny BERT in f64 with weights from `seed`: each randomly initialised tensor redrawn over
@@ -92,7 +92,7 @@ fn seeded_f64_model(seed: u64) -> (BertModel, Vec<(String, Var)>, ChaCha8Rng) {
         let values = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let (lo, hi) = values.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         if lo < hi {
-            var.set(&uniform_like(&mut rng, var.as_tensor(), lo, hi)).unwrap();
+            var.set(&uniform(&mut rng, var.shape(), lo, hi)).unwrap();
         }
     }
     (model, vars, rng)
@@ -107,12 +107,7 @@ fn encoder_gradients_match_finite_differences() {
         let (model, vars, mut rng) = seeded_f64_model(seed);
         let tokens = batch(&device, &cfg);
         let drop = dropout(0);
-        let probe = uniform_like(
-            &mut rng,
-            &Tensor::zeros((3, 6, cfg.hidden_size), DType::F64, &device).unwrap(),
-            -1.0,
-            1.0,
-        );
+        let probe = uniform(&mut rng, &Shape::from((3, 6, cfg.hidden_size)), -1.0, 1.0);
         let f = || -> Tensor {
             let hidden = model.forward(&tokens, &drop).unwrap();
             (hidden * &probe).unwrap().sum_all().unwrap()

@@ -169,7 +169,10 @@ fn plan(args: &Args) -> Result<Plan> {
     if local_world == 0 {
         bail!("--gpus/--nproc must be at least 1");
     }
-    let nodes = NodeRange::parse(&args.nnodes, Duration::from_secs(args.rdzv_last_call))?;
+    // A launcher whose round ended comes back once its workers stopped: within their grace, and
+    // a few seconds to see the end and join.
+    let rejoin = Duration::from_secs(args.stop_timeout_s + 10);
+    let nodes = NodeRange::parse(&args.nnodes, Duration::from_secs(args.rdzv_last_call), rejoin)?;
     let gpus = args.gpus.map(assign_gpus).transpose()?;
     let node_rank = match args.node_rank {
         Some(k) => k,
@@ -469,7 +472,7 @@ fn run(args: Args) -> Result<i32> {
     forward_signals()?;
     let (server, address) = start_store(&args, &plan)?;
     let timeout = kdmcse::dist::timeout_from_env()?;
-    let job = Job { args: &args, plan: &plan, address: &address };
+    let job = Job { args: &args, plan: &plan, address: &address, hosts_store: server.is_some() };
     // The store may be down or the other nodes late: a restart can help (exit 1, not 2).
     let code = match Rendezvous::connect(&address, &args.rdzv_id, plan.node, plan.nodes, timeout)
         .and_then(|mut rdzv| job.run(&mut rdzv))
@@ -506,6 +509,8 @@ struct Job<'a> {
     args: &'a Args,
     plan: &'a Plan,
     address: &'a StoreAddress,
+    /// Whether this launcher hosts the static store (node 0's).
+    hosts_store: bool,
 }
 
 impl Job<'_> {
@@ -602,9 +607,9 @@ impl Job<'_> {
             GroupOutcome::Finished => match rdzv.finish(round) {
                 Ok(None) => ControlFlow::Break(0),
                 Ok(Some(ending)) => ControlFlow::Continue(ending),
-                // With the static store node 0 waits for every node; the others are done once
-                // their workers are.
-                Err(err) if round.position(plan.node) > 0 => {
+                // The launcher hosting the static store must outlast every node's finish; any
+                // other (every one on etcd) is done once its workers are, store or no store.
+                Err(err) if !self.hosts_store => {
                     eprintln!("[launcher] {err:#}");
                     ControlFlow::Break(0)
                 }

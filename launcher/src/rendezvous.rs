@@ -1,21 +1,23 @@
 //! The launchers' rendezvous (torchelastic's agent model): every node's `kdmcse-launch` meets in
 //! numbered rounds on the rendezvous store (the static store the node-0 launcher hosts, or etcd).
 //! A round starts with the nodes that joined it: all `MAX` of `--nnodes MIN:MAX`, or at least
-//! `MIN` once `--rdzv-last-call` has passed since `MIN` were there; the first launcher to see that
-//! writes the round's members, and ranks follow their order. Any failure anywhere (a worker's exit,
-//! a lost heartbeat, a launcher whose lease expired, a launcher replaced) ends the round on every
-//! node; so does a node waiting for the next round while this one has fewer than `MAX` (it joins
-//! at that boundary). Each launcher then stops its workers and joins the next round, whose workers
-//! resume from the newest checkpoint.
+//! `MIN` once `--rdzv-last-call` has passed since `MIN` were there and the round before's members
+//! that are leaving it (stopping their workers) came back; the first launcher to see that writes
+//! the round's members, and ranks follow their order. Any failure anywhere (a worker's exit, a lost
+//! heartbeat, a launcher whose lease expired, a launcher replaced) ends the round on every node; so
+//! does a node waiting for the next round while this one has fewer than `MAX` (it joins at that
+//! boundary). Each launcher then stops its workers and joins the next round, whose workers resume
+//! from the newest checkpoint.
 //!
 //! Keys (laid out in `kdmcse::dist::contract`), per round K under `{run id}/r{K}/`: `node/{n}`
 //! (node n joined; it lives as long as that launcher), `members` (who the round started with),
 //! `ended` (why the round ended: `"{exit code} {reason}"`, code 0 for a membership change),
+//! `leaving/{n}` (node n saw it end and is stopping its workers to join the next),
 //! `done/{n}` (node n's workers finished) and the workers' own keys (`tcp/`, `hb/`, `lost`).
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use kdmcse::dist::contract::{exit, RoundKeys};
 use kdmcse::dist::store::{Keep, Store, StoreAddress};
 
@@ -61,18 +63,20 @@ impl Ending {
     }
 }
 
-/// How many nodes a round may start with (`--nnodes N` or `MIN:MAX`), and how long to wait for
-/// more than `min` once `min` are there.
+/// How many nodes a round may start with (`--nnodes N` or `MIN:MAX`), how long to wait for more
+/// than `min` once `min` are there, and how long the members of the round before, still stopping
+/// their workers, are waited for before that wait begins.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NodeRange {
     pub min: usize,
     pub max: usize,
     pub last_call: Duration,
+    pub rejoin: Duration,
 }
 
 impl NodeRange {
     /// `N` or `MIN:MAX`.
-    pub fn parse(text: &str, last_call: Duration) -> Result<Self> {
+    pub fn parse(text: &str, last_call: Duration, rejoin: Duration) -> Result<Self> {
         let number = |s: &str| {
             s.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--nnodes {text:?}: give N or MIN:MAX"))
         };
@@ -83,7 +87,7 @@ impl NodeRange {
         if min == 0 || min > max {
             bail!("--nnodes {text:?}: need 1 <= MIN <= MAX");
         }
-        Ok(Self { min, max, last_call })
+        Ok(Self { min, max, last_call, rejoin })
     }
 
     pub fn is_elastic(&self) -> bool {
@@ -212,7 +216,7 @@ impl Rendezvous {
     /// round before it (`None`); writes the members when this node is the first to see enough.
     fn wait_for_members(&mut self, round: u64) -> Result<Option<Vec<usize>>> {
         let deadline = Instant::now() + self.timeout;
-        let mut enough_since: Option<Instant> = None;
+        let (mut enough_since, mut previous_ended_at) = (None::<Instant>, None::<Instant>);
         loop {
             if let Some(members) = self.members(round)? {
                 return Ok(Some(members));
@@ -222,9 +226,14 @@ impl Rendezvous {
                 return Ok(None);
             }
             let joined = self.nodes_with(round, RoundKeys::node_joined, 0..self.nodes.max)?;
-            // The last call starts once the round before has ended, so that its nodes, still
-            // stopping their workers, are waited for.
-            let previous_over = round == 0 || previous.is_some();
+            // The last call starts once the round before has ended and its members that are
+            // leaving it have joined this one (or had `rejoin` to): one still stopping its workers
+            // would find this round started without it, and end it at once to join the next.
+            let previous_over = round == 0
+                || previous.is_some() && {
+                    let ended_at = *previous_ended_at.get_or_insert_with(Instant::now);
+                    ended_at.elapsed() >= self.nodes.rejoin || self.rejoining(round - 1, &joined)?.is_empty()
+                };
             let enough = joined.len() >= self.nodes.min && previous_over;
             enough_since = enough.then(|| enough_since.unwrap_or_else(Instant::now));
             if joined.len() == self.nodes.max
@@ -271,6 +280,20 @@ impl Rendezvous {
         Ok(members.iter().copied().filter(|n| !present.contains(n) && !done.contains(n)).collect())
     }
 
+    /// The members of `round` leaving it (a lost node never says so) that have not joined the next
+    /// round yet: `joined` are those that have.
+    fn rejoining(&mut self, round: u64, joined: &[usize]) -> Result<Vec<usize>> {
+        let Some(members) = self.members(round)? else { return Ok(Vec::new()) };
+        let outside = members.into_iter().filter(|n| !joined.contains(n));
+        self.nodes_with(round, RoundKeys::node_leaving, outside)
+    }
+
+    /// Says that this node saw `round` end and will join the next, so the next waits for it.
+    fn leave(&mut self, round: u64) -> Result<()> {
+        let key = self.keys(round).node_leaving(self.node);
+        self.store.set(&key, b"", Keep::WhileAlive)
+    }
+
     /// Whether the job finished in the round before `round`: a node that comes now has nothing
     /// to join.
     fn finished_before(&mut self, round: u64) -> Result<bool> {
@@ -284,7 +307,11 @@ impl Rendezvous {
 
     /// Ends `round` for every node; the first reason stays, and is returned.
     pub fn end(&mut self, round: u64, ending: &Ending) -> Result<Ending> {
-        Ok(Ending::decode(&self.store.create(&self.keys(round).ended(), &ending.encode())?))
+        let first = Ending::decode(&self.store.create(&self.keys(round).ended(), &ending.encode())?);
+        if !first.is_job_finished() {
+            self.leave(round)?;
+        }
+        Ok(first)
     }
 
     /// Whether the running `round` has ended, or now ends: a member's launcher lost (its key
@@ -292,6 +319,7 @@ impl Rendezvous {
     /// has room. Cheap between looks (every [`LOOK_EVERY`]).
     pub fn watch(&mut self, round: &Round) -> Result<Option<Ending>> {
         if let Some(ending) = self.ended(round.number)? {
+            self.leave(round.number)?;
             return Ok(Some(ending));
         }
         if self.last_look.elapsed() < LOOK_EVERY {
@@ -322,10 +350,13 @@ impl Rendezvous {
     /// (`None`) or the round ended (`Some`). With the static store, node 0 hosts it, so it is the
     /// last to go.
     pub fn finish(&mut self, round: &Round) -> Result<Option<Ending>> {
-        self.store.create(&self.keys(round.number).node_done(self.node), b"")?;
+        let recording = "recording that this node's workers finished";
+        self.store.create(&self.keys(round.number).node_done(self.node), b"").context(recording)?;
         let deadline = Instant::now() + self.timeout;
         loop {
-            let done = self.nodes_with(round.number, RoundKeys::node_done, round.members.clone())?;
+            let done = self
+                .nodes_with(round.number, RoundKeys::node_done, round.members.clone())
+                .context(recording)?;
             if done.len() == round.members.len() {
                 // A node that comes now finds the job over, not a round it must wait out.
                 self.end(round.number, &Ending::job_finished())?;
@@ -333,7 +364,11 @@ impl Rendezvous {
             }
             if let Some(ending) = self.ended(round.number)? {
                 // The job finished between the two reads: the last node saw this one done.
-                return Ok((!ending.is_job_finished()).then_some(ending));
+                if ending.is_job_finished() {
+                    return Ok(None);
+                }
+                self.leave(round.number)?;
+                return Ok(Some(ending));
             }
             if Instant::now() >= deadline {
                 let waiting: Vec<usize> =
@@ -354,7 +389,7 @@ mod tests {
     use kdmcse::dist::store::StoreServer;
 
     fn nodes(min: usize, max: usize) -> NodeRange {
-        NodeRange { min, max, last_call: Duration::from_millis(300) }
+        NodeRange { min, max, last_call: Duration::from_millis(300), rejoin: Duration::from_secs(5) }
     }
 
     fn node(addr: &str, n: usize, range: NodeRange) -> Rendezvous {
@@ -436,6 +471,47 @@ mod tests {
         assert_eq!(both, Round { number: 1, members: vec![0, 1] });
         assert_eq!(newcomer.join().unwrap(), both);
         assert_eq!(one.failures_before(1).unwrap(), 0);
+    }
+
+    /// A newcomer ends a running round; the next one waits for that round's member while it stops
+    /// its workers (longer than the last call), so both start together. A member lost (it never
+    /// said it was leaving) is not waited for; one that said so but never came is waited `rejoin`.
+    #[test]
+    fn a_round_waits_for_the_members_leaving_the_round_before() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let range = NodeRange { rejoin: Duration::from_secs(2), ..nodes(1, 2) };
+        let joiner = |n: usize, from: u64| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut rdzv = node(&addr, n, range);
+                (rdzv.join(from).unwrap().unwrap(), Instant::now(), rdzv)
+            })
+        };
+        let mut one = node(&addr, 1, range);
+        let alone = one.join(0).unwrap().unwrap();
+        let newcomer = joiner(0, 0);
+        wait_ended(&mut one, &alone);
+        std::thread::sleep(range.last_call * 2);
+        let both = one.join(1).unwrap().unwrap();
+        let (joined, _, mut zero) = newcomer.join().unwrap();
+        assert_eq!(joined, Round { number: 1, members: vec![0, 1] });
+        assert_eq!(both, joined);
+
+        // Node 1 is lost as node 0 ends round 1: round 2 starts without it after the last call.
+        zero.end(1, &Ending::failure(exit::FAILURE, "rank 1 failed".into())).unwrap();
+        let started = Instant::now();
+        let without_one = zero.join(2).unwrap().unwrap();
+        assert_eq!(without_one, Round { number: 2, members: vec![0] });
+        assert!(started.elapsed() < range.rejoin, "a lost node was waited for");
+
+        // Node 1 comes back and ends round 2; node 0 says it is leaving and never comes.
+        let back = joiner(1, 2);
+        wait_ended(&mut zero, &without_one);
+        let ended = Instant::now();
+        let (round, at, _) = back.join().unwrap();
+        assert_eq!(round, Round { number: 3, members: vec![1] });
+        assert!(at.duration_since(ended) >= range.rejoin, "{:?}", at.duration_since(ended));
     }
 
     #[test]

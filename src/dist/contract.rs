@@ -83,6 +83,11 @@ impl RoundKeys {
         self.key(format_args!("done/{node}"))
     }
 
+    /// Node `node`'s launcher saw the round end and is stopping its workers to join the next.
+    pub fn node_leaving(&self, node: usize) -> String {
+        self.key(format_args!("leaving/{node}"))
+    }
+
     /// Why the round ended (`"{exit code} {reason}"`), set once by the first launcher to know.
     pub fn ended(&self) -> String {
         self.key(format_args!("ended"))
