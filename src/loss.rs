@@ -91,7 +91,7 @@ pub fn cross_entropy_diagonal(logits: &Tensor, row_offset: usize) -> Result<Tens
 /// One InfoNCE term over the cosines `cos` `[rows, cols]`: the mean over rows of the
 /// cross-entropy of `angular_logits / temp` with target `row_offset + i`, the negatives whose
 /// `filter` score (scores `[rows, cols]`, threshold) exceeds the threshold left out of the
-/// softmax; and with a filter, how many it left out (an f64 scalar, read with [`count`], so a
+/// softmax; and with a filter, how many it left out (an f64 scalar, read with [`removed_count`], so a
 /// caller reads it once, on the host). One fused pass each way where a kernel serves (f32 on the
 /// CPU or CUDA), [`angular_infonce_composed`] elsewhere.
 pub fn angular_infonce(
@@ -121,7 +121,7 @@ pub fn angular_infonce(
 }
 
 /// The count of removed negatives [`angular_infonce`] returned (0 without a filter).
-pub fn count(removed: Option<&Tensor>) -> Result<usize> {
+pub fn removed_count(removed: Option<&Tensor>) -> Result<usize> {
     removed.map_or(Ok(0), |r| Ok(r.to_scalar::<f64>()? as usize))
 }
 
@@ -395,7 +395,7 @@ impl Objective {
             (Some(pv), Some(pt)) => Some((pv + pt)?),
             _ => None,
         };
-        Ok(((image + caption)?, count(removed.as_ref())?))
+        Ok(((image + caption)?, removed_count(removed.as_ref())?))
     }
 
     /// `L_tt` for a text batch; `L_tt + lambda * (L_img + L_cap)` for a paired batch.
@@ -453,7 +453,8 @@ mod tests {
             let (fused, removed) = angular_infonce(cos.as_tensor(), margin, filter, 0.05, offset).unwrap();
             let (composed, expected) =
                 angular_infonce_composed(cos.as_tensor(), margin, filter, 0.05, offset).unwrap();
-            let (removed, expected) = (count(removed.as_ref()).unwrap(), count(expected.as_ref()).unwrap());
+            let (removed, expected) =
+                (removed_count(removed.as_ref()).unwrap(), removed_count(expected.as_ref()).unwrap());
             assert_eq!(removed, expected, "{what}: removed");
             assert!(filter.is_none() || removed > 0, "{what}: the filter removed nothing");
             let (f, c) = (scalar(&fused).unwrap(), scalar(&composed).unwrap());

@@ -15,6 +15,7 @@
 //! `leaving/{n}` (node n saw it end and is stopping its workers to join the next),
 //! `done/{n}` (node n's workers finished) and the workers' own keys (`tcp/`, `hb/`, `lost`).
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -216,7 +217,9 @@ impl Rendezvous {
     /// round before it (`None`); writes the members when this node is the first to see enough.
     fn wait_for_members(&mut self, round: u64) -> Result<Option<Vec<usize>>> {
         let deadline = Instant::now() + self.timeout;
-        let (mut enough_since, mut previous_ended_at) = (None::<Instant>, None::<Instant>);
+        let mut enough_since: Option<Instant> = None;
+        // When this node saw the round before end, and who was in it (read once: it is fixed).
+        let mut previous_end: Option<(Instant, Vec<usize>)> = None;
         loop {
             if let Some(members) = self.members(round)? {
                 return Ok(Some(members));
@@ -229,10 +232,16 @@ impl Rendezvous {
             // The last call starts once the round before has ended and its members that are
             // leaving it have joined this one (or had `rejoin` to): one still stopping its workers
             // would find this round started without it, and end it at once to join the next.
+            if previous.is_some() && previous_end.is_none() {
+                previous_end = Some((Instant::now(), self.members(round - 1)?.unwrap_or_default()));
+            }
             let previous_over = round == 0
-                || previous.is_some() && {
-                    let ended_at = *previous_ended_at.get_or_insert_with(Instant::now);
-                    ended_at.elapsed() >= self.nodes.rejoin || self.rejoining(round - 1, &joined)?.is_empty()
+                || match &previous_end {
+                    Some((ended_at, members)) => {
+                        ended_at.elapsed() >= self.nodes.rejoin
+                            || self.rejoining(round - 1, members, &joined)?.is_empty()
+                    }
+                    None => false,
                 };
             let enough = joined.len() >= self.nodes.min && previous_over;
             enough_since = enough.then(|| enough_since.unwrap_or_else(Instant::now));
@@ -280,11 +289,10 @@ impl Rendezvous {
         Ok(members.iter().copied().filter(|n| !present.contains(n) && !done.contains(n)).collect())
     }
 
-    /// The members of `round` leaving it (a lost node never says so) that have not joined the next
-    /// round yet: `joined` are those that have.
-    fn rejoining(&mut self, round: u64, joined: &[usize]) -> Result<Vec<usize>> {
-        let Some(members) = self.members(round)? else { return Ok(Vec::new()) };
-        let outside = members.into_iter().filter(|n| !joined.contains(n));
+    /// The `members` of `round` leaving it (a lost node never says so) that have not joined the
+    /// next round yet: `joined` are those that have.
+    fn rejoining(&mut self, round: u64, members: &[usize], joined: &[usize]) -> Result<Vec<usize>> {
+        let outside = members.iter().copied().filter(|n| !joined.contains(n));
         self.nodes_with(round, RoundKeys::node_leaving, outside)
     }
 
@@ -307,19 +315,24 @@ impl Rendezvous {
 
     /// Ends `round` for every node; the first reason stays, and is returned.
     pub fn end(&mut self, round: u64, ending: &Ending) -> Result<Ending> {
-        let first = Ending::decode(&self.store.create(&self.keys(round).ended(), &ending.encode())?);
-        if !first.is_job_finished() {
-            self.leave(round)?;
-        }
-        Ok(first)
+        Ok(Ending::decode(&self.store.create(&self.keys(round).ended(), &ending.encode())?))
     }
 
     /// Whether the running `round` has ended, or now ends: a member's launcher lost (its key
     /// expired before its workers finished), or a node waiting for the next round while this one
-    /// has room. Cheap between looks (every [`LOOK_EVERY`]).
+    /// has room. Cheap between looks (every [`LOOK_EVERY`]). An ending it reports, this node
+    /// leaves the round: it stops its workers and joins the next.
     pub fn watch(&mut self, round: &Round) -> Result<Option<Ending>> {
-        if let Some(ending) = self.ended(round.number)? {
+        let ending = self.look(round)?;
+        if ending.is_some() {
             self.leave(round.number)?;
+        }
+        Ok(ending)
+    }
+
+    /// [`Self::watch`]'s look at the round.
+    fn look(&mut self, round: &Round) -> Result<Option<Ending>> {
+        if let Some(ending) = self.ended(round.number)? {
             return Ok(Some(ending));
         }
         if self.last_look.elapsed() < LOOK_EVERY {
@@ -354,22 +367,10 @@ impl Rendezvous {
         self.store.create(&self.keys(round.number).node_done(self.node), b"").context(recording)?;
         let deadline = Instant::now() + self.timeout;
         loop {
-            let done = self
-                .nodes_with(round.number, RoundKeys::node_done, round.members.clone())
-                .context(recording)?;
-            if done.len() == round.members.len() {
-                // A node that comes now finds the job over, not a round it must wait out.
-                self.end(round.number, &Ending::job_finished())?;
-                return Ok(None);
-            }
-            if let Some(ending) = self.ended(round.number)? {
-                // The job finished between the two reads: the last node saw this one done.
-                if ending.is_job_finished() {
-                    return Ok(None);
-                }
-                self.leave(round.number)?;
-                return Ok(Some(ending));
-            }
+            let done = match self.look_finished(round).context(recording)? {
+                ControlFlow::Break(outcome) => return Ok(outcome),
+                ControlFlow::Continue(done) => done,
+            };
             if Instant::now() >= deadline {
                 let waiting: Vec<usize> =
                     round.members.iter().copied().filter(|n| !done.contains(n)).collect();
@@ -379,6 +380,25 @@ impl Rendezvous {
                 );
             }
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// [`Self::finish`]'s look at the store: its outcome (`Break`), or the members done so far.
+    fn look_finished(&mut self, round: &Round) -> Result<ControlFlow<Option<Ending>, Vec<usize>>> {
+        let done = self.nodes_with(round.number, RoundKeys::node_done, round.members.clone())?;
+        if done.len() == round.members.len() {
+            // A node that comes now finds the job over, not a round it must wait out.
+            self.end(round.number, &Ending::job_finished())?;
+            return Ok(ControlFlow::Break(None));
+        }
+        match self.ended(round.number)? {
+            // The job finished between the two reads: the last node saw this one done.
+            Some(ending) if ending.is_job_finished() => Ok(ControlFlow::Break(None)),
+            Some(ending) => {
+                self.leave(round.number)?;
+                Ok(ControlFlow::Break(Some(ending)))
+            }
+            None => Ok(ControlFlow::Continue(done)),
         }
     }
 }
