@@ -361,8 +361,9 @@ fn run_train(args: TrainArgs) -> Result<()> {
     }
     if summary.outcome == Outcome::Interrupted {
         drop(trainer);
-        drop(group); // its watchdog's last heartbeat says this rank is done
-                     // Stopped by a signal, checkpoint written: not finished.
+        // Its watchdog's last heartbeat says this rank is done.
+        drop(group);
+        // Stopped by a signal, checkpoint written: not finished.
         std::process::exit(contract::exit::stopped_by(signal_hook::consts::SIGTERM));
     }
     Ok(())

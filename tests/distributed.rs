@@ -609,17 +609,58 @@ fn node_0_lost_on_etcd_leaves_node_1_training_alone_until_it_comes_back() {
     assert!(diff < 1e-5, "weights differ by {diff} from the uninterrupted run:\n{log}");
 }
 
+/// A stand-in for `kdmcse train` (the launcher runs it through $KDMCSE_BIN): a shell script.
+fn stand_in_worker(dir: &Path, script: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("worker.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{script}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A worker that fails ends the round for every node before its launcher stops the node's other
+/// workers: node 0's rank 1 stops only once node 1's workers got their SIGTERM, which node 1's
+/// launcher sends when it sees the round end. Had node 0 stopped its own workers first, it would
+/// have waited out `--stop-timeout-s` and killed rank 1.
+#[test]
+fn a_failed_worker_ends_the_round_everywhere_before_its_node_stops_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let signalled = dir.path().join("node-1-signalled");
+    let worker = stand_in_worker(
+        dir.path(),
+        "case \"$RANK\" in\n\
+         0) sleep 1; exit 1 ;;\n\
+         1) trap '' TERM; while [ ! -e \"$SIGNALLED\" ]; do sleep 0.1; done ;;\n\
+         *) trap 'touch \"$SIGNALLED\"; exit 143' TERM; while :; do sleep 0.1; done ;;\n\
+         esac\n",
+    );
+    let port = free_port().to_string();
+    let nodes = ["0", "1"].map(|node| {
+        launcher(&["--nproc", "2", "--nnodes", "2", "--node-rank", node, "--master-port", &port])
+            .args(["--stop-timeout-s", "60", "--", "--config", "unread.toml"])
+            .env("KDMCSE_BIN", &worker)
+            .env("SIGNALLED", &signalled)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
+    let [zero, one] = nodes.map(|node| node.wait_with_output().unwrap());
+    let log = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(zero.status.code(), Some(1), "{}", log(&zero));
+    assert!(!log(&zero).contains("did not stop within"), "node 0 stopped its workers first:\n{}", log(&zero));
+    assert_eq!(one.status.code(), Some(1), "{}", log(&one));
+    assert!(log(&one).contains("(rank 0 failed with exit code 1)"), "{}", log(&one));
+}
+
 /// On etcd no launcher hosts the store. The only member dies after node 0's worker finished, while
 /// node 0 waits for node 1's: node 0's part is done (exit 0, the store's error logged); node 1,
 /// whose worker still ran, has failed (exit 1: a restart may help).
 #[test]
 fn a_node_whose_workers_finished_is_done_though_etcd_dies() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    // A stand-in for `kdmcse train`: rank 0 finishes at once, rank 1 runs on.
-    let worker = dir.path().join("worker.sh");
-    std::fs::write(&worker, "#!/bin/sh\n[ \"$RANK\" = 0 ] && exit 0\nexec sleep 120\n").unwrap();
-    std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Rank 0 finishes at once, rank 1 runs on.
+    let worker = stand_in_worker(dir.path(), "[ \"$RANK\" = 0 ] && exit 0\nexec sleep 120\n");
     let mut etcd = common::etcd::EtcdCluster::start(1);
     let endpoints = etcd.endpoints();
     let nodes = ["0", "1"].map(|node| {

@@ -171,7 +171,7 @@ fn plan(args: &Args) -> Result<Plan> {
     }
     // A launcher whose round ended comes back once its workers stopped: within their grace, and
     // a few seconds to see the end and join.
-    let rejoin = Duration::from_secs(args.stop_timeout_s + 10);
+    let rejoin = Duration::from_secs(args.stop_timeout_s.saturating_add(10));
     let nodes = NodeRange::parse(&args.nnodes, Duration::from_secs(args.rdzv_last_call), rejoin)?;
     let gpus = args.gpus.map(assign_gpus).transpose()?;
     let node_rank = match args.node_rank {
@@ -411,7 +411,9 @@ fn exit_times(children: &[Child]) -> Arc<Mutex<Vec<Option<Instant>>>> {
 }
 
 /// Watches this node's workers until they all finish, one fails, a signal comes or
-/// `round_ended` reports that another node ended the round.
+/// `round_ended` reports that another node ended the round. A signal stops the workers here; after
+/// a failure or another node's ending the others still run: the caller stops them, once it has
+/// told the other nodes.
 fn watch(
     children: &mut [Child],
     first_rank: usize,
@@ -451,16 +453,16 @@ fn watch(
         }
         if let Some((_, local_rank, status)) = first_failure {
             let rank = first_rank + local_rank;
-            eprintln!("[launcher] rank {rank} failed with {}: stopping the other workers", describe(status));
-            stop_group(children, stop_grace);
+            eprintln!(
+                "[launcher] rank {rank} failed with {}: ending the round, then stopping the other workers",
+                describe(status)
+            );
             return GroupOutcome::Failed { rank, status };
         }
         if done.iter().all(|&d| d) {
             return GroupOutcome::Finished;
         }
         if let Some(ending) = round_ended() {
-            eprintln!("[launcher] the round ended on another node ({}): stopping the workers", ending.reason);
-            stop_group(children, stop_grace);
             return GroupOutcome::RoundEnded(ending);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -599,8 +601,18 @@ impl Job<'_> {
             }
         };
         let mut round_ended = || match rdzv.watch(round) {
-            Ok(ending) => ending,
-            Err(err) => Some(Ending::failure(exit::FAILURE, format!("lost the rendezvous store: {err:#}"))),
+            Ok(Some(ending)) => {
+                eprintln!(
+                    "[launcher] the round ended on another node ({}): stopping the workers",
+                    ending.reason
+                );
+                Some(ending)
+            }
+            Ok(None) => None,
+            Err(err) => {
+                eprintln!("[launcher] lost the rendezvous store ({err:#}): stopping the workers");
+                Some(Ending::failure(exit::FAILURE, format!("lost the rendezvous store: {err:#}")))
+            }
         };
         let grace = Duration::from_secs(self.args.stop_timeout_s);
         Ok(match watch(&mut children, first_rank, grace, &mut round_ended) {
@@ -624,9 +636,15 @@ impl Job<'_> {
             GroupOutcome::Failed { rank, status } => {
                 let code = status.code().filter(|&c| c != 0).unwrap_or(exit::FAILURE);
                 let reason = format!("rank {rank} failed with {}", describe(status));
-                ControlFlow::Continue(rdzv.end(round.number, &Ending::failure(code, reason))?)
+                // The other nodes first: they stop their workers while this one stops its own.
+                let ending = rdzv.fail(round.number, &Ending::failure(code, reason));
+                stop_group(&mut children, grace);
+                ControlFlow::Continue(ending?)
             }
-            GroupOutcome::RoundEnded(ending) => ControlFlow::Continue(ending),
+            GroupOutcome::RoundEnded(ending) => {
+                stop_group(&mut children, grace);
+                ControlFlow::Continue(ending)
+            }
         })
     }
 }

@@ -4,10 +4,10 @@
 //! `MIN` once `--rdzv-last-call` has passed since `MIN` were there and the round before's members
 //! that are leaving it (stopping their workers) came back; the first launcher to see that writes
 //! the round's members, and ranks follow their order. Any failure anywhere (a worker's exit, a lost
-//! heartbeat, a launcher whose lease expired, a launcher replaced) ends the round on every node; so
-//! does a node waiting for the next round while this one has fewer than `MAX` (it joins at that
-//! boundary). Each launcher then stops its workers and joins the next round, whose workers resume
-//! from the newest checkpoint.
+//! heartbeat, a launcher lost: its keys go with its etcd lease or its connection to the static
+//! store; a launcher replaced) ends the round on every node; so does a node waiting for the next
+//! round while this one has fewer than `MAX` (it joins at that boundary). Each launcher then stops
+//! its workers and joins the next round, whose workers resume from the newest checkpoint.
 //!
 //! Keys (laid out in `kdmcse::dist::contract`), per round K under `{run id}/r{K}/`: `node/{n}`
 //! (node n joined; it lives as long as that launcher), `members` (who the round started with),
@@ -281,7 +281,7 @@ impl Rendezvous {
         Ok(set)
     }
 
-    /// The `members` of `round` whose launcher is gone (its key expired) before their workers
+    /// The `members` of `round` whose launcher is gone (its key went with it) before their workers
     /// finished.
     fn absent(&mut self, round: u64, members: &[usize]) -> Result<Vec<usize>> {
         let present = self.nodes_with(round, RoundKeys::node_joined, members.to_vec())?;
@@ -318,8 +318,16 @@ impl Rendezvous {
         Ok(Ending::decode(&self.store.create(&self.keys(round).ended(), &ending.encode())?))
     }
 
+    /// Ends `round` for a failure on this node, which leaves it (stops its workers and joins the
+    /// next round); returns the first reason, as [`Self::end`].
+    pub fn fail(&mut self, round: u64, ending: &Ending) -> Result<Ending> {
+        let first = self.end(round, ending)?;
+        self.leave(round)?;
+        Ok(first)
+    }
+
     /// Whether the running `round` has ended, or now ends: a member's launcher lost (its key
-    /// expired before its workers finished), or a node waiting for the next round while this one
+    /// gone before its workers finished), or a node waiting for the next round while this one
     /// has room. Cheap between looks (every [`LOOK_EVERY`]). An ending it reports, this node
     /// leaves the round: it stops its workers and joins the next.
     pub fn watch(&mut self, round: &Round) -> Result<Option<Ending>> {
@@ -340,7 +348,7 @@ impl Rendezvous {
         }
         self.last_look = Instant::now();
         if let Some(lost) = self.absent(round.number, &round.members)?.first() {
-            let reason = format!("node {lost}'s launcher was lost (its rendezvous key expired)");
+            let reason = format!("node {lost}'s launcher was lost (its rendezvous key is gone)");
             return Ok(Some(self.end(round.number, &Ending::failure(exit::FAILURE, reason))?));
         }
         if round.members.len() < self.nodes.max {
@@ -428,25 +436,29 @@ mod tests {
         }
     }
 
-    /// Nodes 0 and 1 of a 2-node job join round 0; returns node 0's client, the round, and what
-    /// node 1 joined.
-    fn two_nodes_join(addr: &str) -> (Rendezvous, Round, Round) {
+    /// Nodes 0 and 1 of a 2-node job join round 0; returns their clients and the round both
+    /// joined.
+    fn two_nodes_join(addr: &str) -> (Rendezvous, Rendezvous, Round) {
         let joiner = {
             let addr = addr.to_owned();
-            std::thread::spawn(move || node(&addr, 1, nodes(2, 2)).join(0).unwrap().unwrap())
+            std::thread::spawn(move || {
+                let mut one = node(&addr, 1, nodes(2, 2));
+                (one.join(0).unwrap().unwrap(), one)
+            })
         };
         let mut zero = node(addr, 0, nodes(2, 2));
         let round = zero.join(0).unwrap().unwrap();
-        (zero, round, joiner.join().unwrap())
+        let (joined, one) = joiner.join().unwrap();
+        assert_eq!(joined, round);
+        (zero, one, round)
     }
 
     #[test]
     fn rounds_start_together_end_everywhere_and_a_replacement_moves_on() {
         let server = StoreServer::start("127.0.0.1:0").unwrap();
         let addr = server.addr.to_string();
-        let (mut zero, first, joined) = two_nodes_join(&addr);
+        let (mut zero, _one, first) = two_nodes_join(&addr);
         assert_eq!(first, Round { number: 0, members: vec![0, 1] });
-        assert_eq!(joined, first);
 
         // Node 1's launcher is replaced: the new one ends round 0 and waits in round 1.
         let replacement = {
@@ -534,6 +546,53 @@ mod tests {
         assert!(at.duration_since(ended) >= range.rejoin, "{:?}", at.duration_since(ended));
     }
 
+    /// A launcher's keys go with it (on the static store with its connection, as on etcd with
+    /// its lease): a member lost mid-round ends the round at the next look.
+    #[test]
+    fn a_lost_launcher_ends_the_round() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let (mut zero, one, round) = two_nodes_join(&addr);
+        drop(one);
+        let lost = "node 1's launcher was lost (its rendezvous key is gone)";
+        assert_eq!(wait_ended(&mut zero, &round), Ending::failure(exit::FAILURE, lost.into()));
+    }
+
+    /// A node whose worker failed ends the round and leaves it: the next round waits for it while
+    /// it stops its other workers (longer than the last call).
+    #[test]
+    fn the_node_that_failed_is_waited_for_by_the_next_round() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let (mut zero, mut one, round) = two_nodes_join(&addr);
+        let range = nodes(1, 2);
+        (zero.nodes, one.nodes) = (range, range);
+        one.fail(0, &Ending::failure(exit::FAILURE, "rank 2 failed".into())).unwrap();
+        assert!(zero.watch(&round).unwrap().is_some());
+        let next = std::thread::spawn(move || zero.join(1).unwrap().unwrap());
+        std::thread::sleep(range.last_call * 3);
+        let both = Round { number: 1, members: vec![0, 1] };
+        assert_eq!(one.join(1).unwrap().unwrap(), both);
+        assert_eq!(next.join().unwrap(), both);
+    }
+
+    /// A member that said it was leaving the round and was then lost is not waited for.
+    #[test]
+    fn a_member_lost_while_leaving_is_not_waited_for() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let range = NodeRange { rejoin: Duration::from_secs(30), ..nodes(1, 2) };
+        let (mut zero, mut one, round) = two_nodes_join(&addr);
+        zero.nodes = range;
+        zero.end(0, &Ending::failure(exit::FAILURE, "rank 0 failed".into())).unwrap();
+        assert!(one.watch(&round).unwrap().is_some());
+        drop(one);
+        assert!(zero.watch(&round).unwrap().is_some());
+        let started = Instant::now();
+        assert_eq!(zero.join(1).unwrap().unwrap(), Round { number: 1, members: vec![0] });
+        assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+    }
+
     #[test]
     fn a_node_that_comes_after_the_job_finished_has_nothing_to_join() {
         let server = StoreServer::start("127.0.0.1:0").unwrap();
@@ -558,7 +617,7 @@ mod tests {
     fn the_job_finishing_between_a_nodes_two_reads_is_its_finish() {
         let server = StoreServer::start("127.0.0.1:0").unwrap();
         let addr = server.addr.to_string();
-        let (mut zero, round, _) = two_nodes_join(&addr);
+        let (mut zero, _, round) = two_nodes_join(&addr);
         // The state node 1's second read meets: the round ended as the job finished, node 0's
         // done key not yet visible to its first read.
         zero.end(0, &Ending::job_finished()).unwrap();

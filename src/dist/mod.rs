@@ -145,8 +145,8 @@ pub struct ProcessGroup {
     /// The launcher's rendezvous round (`KDMCSE_ROUND`), 0 without a launcher.
     pub round: u64,
     _watchdog: Option<watchdog::Watchdog>,
-    /// This rank's rendezvous client, kept for the group's life: on etcd its lease carries the
-    /// keys it published (its collective address), which a slower peer may not have read yet.
+    /// This rank's rendezvous client, kept for the group's life: the keys it published (its
+    /// collective address), which a slower peer may not have read yet, live as long as it does.
     _client: Option<Box<dyn store::Store>>,
     _store: Option<store::StoreServer>,
 }

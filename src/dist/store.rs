@@ -10,7 +10,9 @@
 //! Wire format, both ways: `op: u8, key_len: u32, key, value_len: u32, value` (little endian).
 //! Ops: SET stores a value; GET answers once the key exists (the server parks the request);
 //! CHECK answers at once whether the key exists; CREATE stores a value unless the key exists and
-//! answers the key's value (the first writer's).
+//! answers the key's value (the first writer's); SET_WHILE_ALIVE stores a value that the server
+//! deletes when the connection that wrote it closes (a dead process's sockets close), as etcd
+//! revokes a lease: [`Keep`] means the same on both backends.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -28,12 +30,14 @@ const SET: u8 = 1;
 const GET: u8 = 2;
 const CHECK: u8 = 3;
 const CREATE: u8 = 4;
+const SET_WHILE_ALIVE: u8 = 5;
 
-/// How long a key lives on a store with leases (etcd); the static store keeps every key.
+/// How long a key lives: on etcd by a lease, on the static store by the writer's connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
-    /// Until the writer is gone: its client dropped (the lease revoked) or its process dead (the
-    /// lease expires). Liveness, addresses: keep the client while others may still read them.
+    /// Until the writer is gone: its client dropped or its process dead (etcd: the lease revoked
+    /// or expired; static: the connection closed). Liveness, addresses: keep the client while
+    /// others may still read them.
     WhileAlive,
     /// For the rest of the job: what other processes read after the writer exits.
     Always,
@@ -156,9 +160,38 @@ impl std::fmt::Display for StoreAddress {
     }
 }
 
+/// The static store's keys, and for each [`Keep::WhileAlive`] one the connection that wrote it.
+#[derive(Default)]
+struct Keys {
+    values: HashMap<String, Vec<u8>>,
+    owners: HashMap<String, u64>,
+}
+
+impl Keys {
+    fn set(&mut self, key: String, value: Vec<u8>, owner: Option<u64>) {
+        match owner {
+            Some(connection) => self.owners.insert(key.clone(), connection),
+            None => self.owners.remove(&key),
+        };
+        self.values.insert(key, value);
+    }
+
+    /// Deletes the keys `connection` wrote last with [`Keep::WhileAlive`].
+    fn drop_owned_by(&mut self, connection: u64) {
+        let Self { values, owners } = self;
+        owners.retain(|key, owner| {
+            let owned = *owner == connection;
+            if owned {
+                values.remove(key);
+            }
+            !owned
+        });
+    }
+}
+
 #[derive(Default)]
 struct Shared {
-    values: Mutex<HashMap<String, Vec<u8>>>,
+    keys: Mutex<Keys>,
     changed: Notify,
 }
 
@@ -181,13 +214,15 @@ impl StoreServer {
         let shared = Arc::new(Shared::default());
         let thread = std::thread::Builder::new().name("kdmcse-store".into()).spawn(move || {
             runtime.block_on(async move {
+                let mut connections = 0;
                 loop {
                     tokio::select! {
                         _ = &mut rx => break,
                         accepted = listener.accept() => {
                             let Ok((socket, _)) = accepted else { continue };
                             let _ = socket.set_nodelay(true);
-                            tokio::spawn(serve(socket, shared.clone()));
+                            connections += 1;
+                            tokio::spawn(serve(socket, connections, shared.clone()));
                         }
                     }
                 }
@@ -219,28 +254,36 @@ async fn read_frame(socket: &mut tokio::net::TcpStream) -> std::io::Result<(u8, 
     Ok((op, String::from_utf8_lossy(&key).into_owned(), value))
 }
 
-async fn serve(mut socket: tokio::net::TcpStream, shared: Arc<Shared>) {
-    while let Ok((op, key, value)) = read_frame(&mut socket).await {
+/// Answers the requests of connection number `connection` until it closes, then deletes the
+/// keys it holds [`Keep::WhileAlive`].
+async fn serve(mut socket: tokio::net::TcpStream, connection: u64, shared: Arc<Shared>) {
+    let keys = || shared.keys.lock().expect("store lock");
+    'requests: while let Ok((op, key, value)) = read_frame(&mut socket).await {
         let reply: (u8, Vec<u8>) = match op {
-            SET => {
-                shared.values.lock().expect("store lock").insert(key, value);
+            SET | SET_WHILE_ALIVE => {
+                keys().set(key, value, (op == SET_WHILE_ALIVE).then_some(connection));
                 shared.changed.notify_waiters();
                 (0, Vec::new())
             }
             GET => loop {
                 // Register for a wake-up before looking, so a SET in between is not missed.
                 let notified = shared.changed.notified();
-                if let Some(v) = shared.values.lock().expect("store lock").get(&key) {
+                if let Some(v) = keys().values.get(&key) {
                     break (0, v.clone());
                 }
-                notified.await;
+                // A client sends nothing while it waits: anything readable is it giving up (the
+                // connection closed), whose keys must not outlive it.
+                tokio::select! {
+                    _ = notified => {}
+                    _ = socket.read_u8() => break 'requests,
+                }
             },
-            CHECK => match shared.values.lock().expect("store lock").get(&key) {
+            CHECK => match keys().values.get(&key) {
                 Some(v) => (0, v.clone()),
                 None => (1, Vec::new()),
             },
             CREATE => {
-                let first = shared.values.lock().expect("store lock").entry(key).or_insert(value).clone();
+                let first = keys().values.entry(key).or_insert(value).clone();
                 shared.changed.notify_waiters();
                 (0, first)
             }
@@ -254,6 +297,7 @@ async fn serve(mut socket: tokio::net::TcpStream, shared: Arc<Shared>) {
             break;
         }
     }
+    keys().drop_owned_by(connection);
 }
 
 /// How long a SET or CHECK may wait for its reply: a store that does not answer by then is
@@ -323,8 +367,12 @@ impl StoreClient {
 }
 
 impl Store for StoreClient {
-    fn set(&mut self, key: &str, value: &[u8], _: Keep) -> Result<()> {
-        self.request(SET, key, value, Some(REPLY_TIMEOUT)).map(|_| ())
+    fn set(&mut self, key: &str, value: &[u8], keep: Keep) -> Result<()> {
+        let op = match keep {
+            Keep::WhileAlive => SET_WHILE_ALIVE,
+            Keep::Always => SET,
+        };
+        self.request(op, key, value, Some(REPLY_TIMEOUT)).map(|_| ())
     }
 
     fn create(&mut self, key: &str, value: &[u8]) -> Result<Vec<u8>> {
@@ -392,5 +440,40 @@ mod tests {
         let keys: Vec<(usize, String)> = (0..4).map(|r| (r, format!("addr/{r}"))).collect();
         let err = a.wait_all("addresses", &keys, Duration::from_millis(300)).unwrap_err().to_string();
         assert!(err.contains("[1, 3]"), "{err}");
+    }
+
+    /// As on etcd: a writer's [`Keep::WhileAlive`] keys go when its connection closes (though a
+    /// wait of its was parked), unless another writer set the key since; [`Keep::Always`] keys
+    /// and created ones stay.
+    #[test]
+    fn while_alive_keys_go_with_the_connection_that_wrote_them() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let connect = || StoreClient::connect(&addr, Duration::from_secs(5)).unwrap();
+        let (mut reader, mut writer, mut successor) = (connect(), connect(), connect());
+        writer.set("hb/0", b"1", Keep::WhileAlive).unwrap();
+        writer.set("taken", b"old", Keep::WhileAlive).unwrap();
+        writer.set("kept", b"k", Keep::Always).unwrap();
+        writer.create("ended", b"e").unwrap();
+        writer.set("was-alive", b"1", Keep::WhileAlive).unwrap();
+        writer.set("was-alive", b"2", Keep::Always).unwrap();
+        successor.set("taken", b"new", Keep::WhileAlive).unwrap();
+        // Its wait timed out, so the server still parks its GET when the connection closes.
+        writer.wait_all("a key", &[(0, "never".into())], Duration::from_millis(100)).unwrap_err();
+        drop(writer);
+        let started = Instant::now();
+        while reader.check("hb/0").unwrap().is_some() {
+            assert!(started.elapsed() < Duration::from_secs(5), "a closed connection's key stayed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(reader.check("taken").unwrap(), Some(b"new".to_vec()), "the successor's value went");
+        assert_eq!(reader.check("kept").unwrap(), Some(b"k".to_vec()));
+        assert_eq!(reader.check("ended").unwrap(), Some(b"e".to_vec()));
+        assert_eq!(reader.check("was-alive").unwrap(), Some(b"2".to_vec()));
+        drop(successor);
+        while reader.check("taken").unwrap().is_some() {
+            assert!(started.elapsed() < Duration::from_secs(5), "the successor's key stayed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

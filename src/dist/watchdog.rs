@@ -3,7 +3,9 @@
 //! host, a partition, SIGSTOP) for `peer_timeout` is declared lost, and [`Abort`] unblocks this
 //! rank's collectives so the process exits with an error naming the lost rank instead of waiting
 //! out the collective timeout. Staleness is judged on this rank's own clock (a heartbeat is a
-//! counter that must change), so the hosts' clocks need not agree.
+//! counter that must change), so the hosts' clocks need not agree. A rank whose process is gone
+//! is lost at the next look: its heartbeat key lives only while it does ([`Keep::WhileAlive`]),
+//! and a rank that finished wrote a last beat that stays.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -112,8 +114,10 @@ struct Beat {
 
 /// What the watchdog knows of one peer.
 enum Peer {
-    /// Its heartbeat value and when this rank saw it change.
+    /// Its heartbeat value (empty before its first) and when this rank saw it change.
     Beating(Vec<u8>, Instant),
+    /// Its heartbeat key vanished with its process, which never wrote the last beat.
+    Gone,
     Done,
 }
 
@@ -136,7 +140,7 @@ impl Beat {
                     );
                     return abort.abort(verdict);
                 }
-                Err(_) => self.reconnect(),
+                Err(_) => self.reconnect(count),
             }
             if let Some(verdict) = self.lost_peer(&peers) {
                 tracing::error!("{verdict}");
@@ -156,20 +160,29 @@ impl Beat {
             match self.client.check(&self.keys.heartbeat(rank))? {
                 Some(value) if value == DONE => *peer = Peer::Done,
                 Some(value) if value != *last => *peer = Peer::Beating(value, Instant::now()),
+                None if !last.is_empty() => *peer = Peer::Gone,
                 _ => {}
             }
         }
         Ok(())
     }
 
-    /// The verdict on the peer silent the longest, once it has been silent for `peer_timeout`.
+    /// The verdict on a peer gone, else on the peer silent the longest once it has been silent
+    /// for `peer_timeout`.
     fn lost_peer(&self, peers: &[Peer]) -> Option<String> {
+        if let Some(rank) = peers.iter().position(|p| matches!(p, Peer::Gone)) {
+            return Some(format!(
+                "rank {rank} was lost: its heartbeat key is gone (its process exited before it \
+                 finished, or lost the store), seen by rank {}",
+                self.rank
+            ));
+        }
         let (rank, silent) = peers
             .iter()
             .enumerate()
             .filter_map(|(rank, p)| match p {
                 Peer::Beating(_, seen) => Some((rank, seen.elapsed())),
-                Peer::Done => None,
+                Peer::Gone | Peer::Done => None,
             })
             .max_by_key(|&(_, silent)| silent)?;
         (silent > self.liveness.peer_timeout).then(|| {
@@ -182,10 +195,14 @@ impl Beat {
         })
     }
 
-    /// A store request that timed out leaves its connection mid-reply: start a new one.
-    fn reconnect(&mut self) {
+    /// A store request that timed out leaves its connection mid-reply: start a new one, and beat
+    /// `count` on it before the old one goes, or this rank's key would vanish with the old one
+    /// and its peers take it for gone.
+    fn reconnect(&mut self, count: u64) {
         if let Ok(client) = self.store.connect(self.liveness.heartbeat) {
-            self.client = client;
+            let old = std::mem::replace(&mut self.client, client);
+            let _ = self.client.set(&self.keys.heartbeat(self.rank), &count.to_le_bytes(), Keep::WhileAlive);
+            drop(old);
         }
     }
 }
@@ -237,6 +254,30 @@ mod tests {
         let mut client = StoreClient::connect(&server.addr.to_string(), Duration::from_secs(1)).unwrap();
         assert_eq!(client.check(&RoundKeys::new("job", 0).lost()).unwrap(), Some(verdict.into_bytes()));
         assert_eq!(client.check(&RoundKeys::new("job", 0).heartbeat(1)).unwrap(), Some(DONE.to_vec()));
+        drop(watcher);
+    }
+
+    /// A peer whose process died (its connection to the store closed, so its heartbeat key went)
+    /// is lost at the next look, long before the peer timeout.
+    #[test]
+    fn a_peer_whose_heartbeat_key_vanishes_is_lost_at_once() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = StoreAddress::Tcp(server.addr.to_string());
+        let keys = RoundKeys::new("job", 0);
+        let abort = Arc::new(Abort::default());
+        let liveness = Liveness { peer_timeout: Duration::from_secs(60), ..fast() };
+        let watcher = Watchdog::start(&addr, &keys, 0, 2, liveness, Arc::clone(&abort)).unwrap();
+        let mut peer = StoreClient::connect(&server.addr.to_string(), Duration::from_secs(1)).unwrap();
+        peer.set(&keys.heartbeat(1), &1u64.to_le_bytes(), Keep::WhileAlive).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(abort.verdict(), None, "a beating peer was lost");
+        drop(peer);
+        let started = Instant::now();
+        while abort.verdict().is_none() && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let verdict = abort.verdict().expect("rank 1 is declared lost");
+        assert!(verdict.starts_with("rank 1 was lost: its heartbeat key is gone"), "{verdict}");
         drop(watcher);
     }
 
