@@ -610,8 +610,9 @@ impl Job<'_> {
             }
             Ok(None) => None,
             Err(err) => {
-                eprintln!("[launcher] lost the rendezvous store ({err:#}): stopping the workers");
-                Some(Ending::failure(exit::FAILURE, format!("lost the rendezvous store: {err:#}")))
+                let reason = format!("lost the rendezvous store: {err:#}");
+                eprintln!("[launcher] {reason}: stopping the workers");
+                Some(Ending::failure(exit::FAILURE, reason))
             }
         };
         let grace = Duration::from_secs(self.args.stop_timeout_s);

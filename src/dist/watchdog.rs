@@ -153,8 +153,12 @@ impl Beat {
         let _ = self.client.set(&self.keys.heartbeat(self.rank), DONE, Keep::Always);
     }
 
+    fn beat(&mut self, count: u64) -> Result<()> {
+        self.client.set(&self.keys.heartbeat(self.rank), &count.to_le_bytes(), Keep::WhileAlive)
+    }
+
     fn beat_and_look(&mut self, count: u64, peers: &mut [Peer]) -> Result<()> {
-        self.client.set(&self.keys.heartbeat(self.rank), &count.to_le_bytes(), Keep::WhileAlive)?;
+        self.beat(count)?;
         for (rank, peer) in peers.iter_mut().enumerate() {
             let Peer::Beating(last, _) = peer else { continue };
             match self.client.check(&self.keys.heartbeat(rank))? {
@@ -201,7 +205,7 @@ impl Beat {
     fn reconnect(&mut self, count: u64) {
         if let Ok(client) = self.store.connect(self.liveness.heartbeat) {
             let old = std::mem::replace(&mut self.client, client);
-            let _ = self.client.set(&self.keys.heartbeat(self.rank), &count.to_le_bytes(), Keep::WhileAlive);
+            let _ = self.beat(count);
             drop(old);
         }
     }
