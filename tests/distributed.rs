@@ -653,6 +653,39 @@ fn a_failed_worker_ends_the_round_everywhere_before_its_node_stops_the_others() 
     assert!(log(&one).contains("(rank 0 failed with exit code 1)"), "{}", log(&one));
 }
 
+/// An input error outranks the failure written first: node 0's rank fails (exit 1, worth a
+/// restart) and ends the round; node 1's worker then exits 2 as it is stopped (as a last
+/// checkpoint that finds the weights diverged does). Neither node restarts, though a restart is
+/// left, and both exit 2.
+#[test]
+fn an_input_error_found_while_stopping_ends_the_job_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = stand_in_worker(
+        dir.path(),
+        "case \"$RANK\" in\n\
+         0) sleep 1; exit 1 ;;\n\
+         *) trap 'sleep 0.3; exit 2' TERM; while :; do sleep 0.1; done ;;\n\
+         esac\n",
+    );
+    let port = free_port().to_string();
+    let nodes = ["0", "1"].map(|node| {
+        launcher(&["--nproc", "1", "--nnodes", "2", "--node-rank", node, "--master-port", &port])
+            .args(["--max-restarts", "1", "--stop-timeout-s", "10", "--", "--config", "unread.toml"])
+            .env("KDMCSE_BIN", &worker)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
+    let [zero, one] = nodes.map(|node| node.wait_with_output().unwrap());
+    let log = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    for out in [&zero, &one] {
+        assert_eq!(out.status.code(), Some(2), "{}", log(out));
+        assert!(!log(out).contains("round 1"), "a round was restarted:\n{}", log(out));
+        assert!(log(out).contains("rank 1 failed with exit code 2"), "{}", log(out));
+    }
+}
+
 /// On etcd no launcher hosts the store. The only member dies after node 0's worker finished, while
 /// node 0 waits for node 1's: node 0's part is done (exit 0, the store's error logged); node 1,
 /// whose worker still ran, has failed (exit 1: a restart may help).

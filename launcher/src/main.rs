@@ -29,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kdmcse::dist::contract::{env as worker_env, exit};
 use kdmcse::dist::store::{parse_endpoints, StoreAddress, StoreServer};
-use rendezvous::{Ending, NodeRange, Rendezvous, Round};
+use rendezvous::{Ending, Joined, NodeRange, Rendezvous, Round};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -523,9 +523,19 @@ impl Job<'_> {
         let max_restarts = self.args.max_restarts;
         let mut next = 0;
         loop {
-            let Some(round) = rdzv.join(next)? else {
-                eprintln!("[launcher] node {}: the job has finished: nothing to join", self.plan.node);
-                return Ok(0);
+            let round = match rdzv.join(next)? {
+                Joined::Round(round) => round,
+                Joined::JobOver(ending) if ending.is_input_error() => {
+                    eprintln!(
+                        "[launcher] node {}: the job ended on a configuration or input error ({}): nothing to join",
+                        self.plan.node, ending.reason
+                    );
+                    return Ok(exit::INPUT_ERROR);
+                }
+                Joined::JobOver(_) => {
+                    eprintln!("[launcher] node {}: the job has finished: nothing to join", self.plan.node);
+                    return Ok(0);
+                }
             };
             let restarts = rdzv.failures_before(round.number)?;
             if restarts > max_restarts {
@@ -539,10 +549,18 @@ impl Job<'_> {
                 ControlFlow::Break(code) => return Ok(code),
                 ControlFlow::Continue(ending) => ending,
             };
+            // Decided on the last word: another node's input error may still replace the ending.
+            let ending = rdzv
+                .settle(&round)
+                .unwrap_or_else(|err| {
+                    eprintln!("[launcher] round {}: cannot hear the other nodes out: {err:#}", round.number);
+                    None
+                })
+                .unwrap_or(ending);
             if let Ok(Some(lost)) = rdzv.lost(round.number) {
                 eprintln!("[launcher] round {}: {lost}", round.number);
             }
-            if ending.code == exit::INPUT_ERROR {
+            if ending.is_input_error() {
                 eprintln!(
                     "[launcher] round {} ended on a configuration or input error (exit {}, {}): \
                      restarting cannot help",
@@ -640,14 +658,37 @@ impl Job<'_> {
                 // The other nodes first: they stop their workers while this one stops its own.
                 let ending = rdzv.fail(round.number, &Ending::failure(code, reason));
                 stop_group(&mut children, grace);
-                ControlFlow::Continue(ending?)
+                ControlFlow::Continue(outranked(rdzv, round, &mut children, first_rank, ending?))
             }
             GroupOutcome::RoundEnded(ending) => {
                 stop_group(&mut children, grace);
-                ControlFlow::Continue(ending)
+                ControlFlow::Continue(outranked(rdzv, round, &mut children, first_rank, ending))
             }
         })
     }
+}
+
+/// `ending`, unless one of this node's stopped workers exited with an input error (as its round
+/// ended elsewhere, or as it was stopped: a last checkpoint that finds the weights diverged),
+/// which replaces it for every node: restarting cannot help.
+fn outranked(
+    rdzv: &mut Rendezvous,
+    round: &Round,
+    children: &mut [Child],
+    first_rank: usize,
+    ending: Ending,
+) -> Ending {
+    if ending.is_input_error() {
+        return ending;
+    }
+    let input_error = children.iter_mut().enumerate().find_map(|(local_rank, child)| {
+        let status = child.try_wait().ok().flatten()?;
+        (status.code() == Some(exit::INPUT_ERROR)).then(|| (first_rank + local_rank, status))
+    });
+    let Some((rank, status)) = input_error else { return ending };
+    let own = Ending::failure(exit::INPUT_ERROR, format!("rank {rank} failed with {}", describe(status)));
+    eprintln!("[launcher] {}: the round ends on it, not on {}", own.reason, ending.reason);
+    rdzv.end(round.number, &own).unwrap_or(own)
 }
 
 /// With the static backend node 0 hosts the rendezvous store (on a free loopback port with

@@ -7,13 +7,17 @@
 //! heartbeat, a launcher lost: its keys go with its etcd lease or its connection to the static
 //! store; a launcher replaced) ends the round on every node; so does a node waiting for the next
 //! round while this one has fewer than `MAX` (it joins at that boundary). Each launcher then stops
-//! its workers and joins the next round, whose workers resume from the newest checkpoint.
+//! its workers, waits for the others stopping theirs ([`Rendezvous::settle`]: an input error one
+//! of them finds meanwhile ends the job) and joins the next round, whose workers resume from the
+//! newest checkpoint.
 //!
 //! Keys (laid out in `kdmcse::dist::contract`), per round K under `{run id}/r{K}/`: `node/{n}`
 //! (node n joined; it lives as long as that launcher), `members` (who the round started with),
-//! `ended` (why the round ended: `"{exit code} {reason}"`, code 0 for a membership change),
-//! `leaving/{n}` (node n saw it end and is stopping its workers to join the next),
-//! `done/{n}` (node n's workers finished) and the workers' own keys (`tcp/`, `hb/`, `lost`).
+//! `ended` (why the round ended: `"{exit code} {reason}"`, code 0 for a membership change; an
+//! input error, exit 2, replaces any other reason, so that no node restarts what cannot mend),
+//! `leaving/{n}` (node n saw it end and is stopping its workers to join the next), `stopped/{n}`
+//! (node n's workers stopped: its word on the ending is in), `done/{n}` (node n's workers
+//! finished) and the workers' own keys (`tcp/`, `hb/`, `lost`).
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -51,6 +55,16 @@ impl Ending {
 
     pub fn is_failure(&self) -> bool {
         self.code != 0
+    }
+
+    /// A configuration or input error: restarting cannot help.
+    pub fn is_input_error(&self) -> bool {
+        self.code == exit::INPUT_ERROR
+    }
+
+    /// Whether the job ends with this round: it finished, or an input error ended it.
+    fn ends_job(&self) -> bool {
+        self.is_job_finished() || self.is_input_error()
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -96,6 +110,14 @@ impl NodeRange {
     }
 }
 
+/// What joining comes to: a round that started with this node, or the job's end (`JobOver`: it
+/// finished, or an input error ended a round; nothing is left to join).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Joined {
+    Round(Round),
+    JobOver(Ending),
+}
+
 /// A round that started: its number (the rounds before it, restarts or membership changes) and
 /// the nodes in it, in rank order.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +147,9 @@ const JOB_FINISHED: &str = "the job finished";
 const POLL: Duration = Duration::from_millis(100);
 /// How often a running round checks its members' leases and the nodes waiting for the next one.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// How long a member of an ended round that has not said it is leaving is waited for to say so
+/// (a launcher looks every [`POLL`]; one frozen, or stopped by a signal, never does).
+const ACKNOWLEDGE: Duration = Duration::from_secs(3);
 
 pub struct Rendezvous {
     store: Box<dyn Store>,
@@ -167,14 +192,14 @@ impl Rendezvous {
     }
 
     /// Joins the first round from `round` on that is still open and waits until it starts with
-    /// this node; returns it, or `None` when the job finished first. A running round that counts
+    /// this node; returns it, or how the job ended first. A running round that counts
     /// this node (its earlier launcher is gone: this one replaces it) is ended, and so is skipped,
     /// as is one that ended before it started or started without this node.
-    pub fn join(&mut self, mut round: u64) -> Result<Option<Round>> {
+    pub fn join(&mut self, mut round: u64) -> Result<Joined> {
         loop {
             if let Some(ending) = self.ended(round)? {
-                if ending.is_job_finished() {
-                    return Ok(None);
+                if ending.ends_job() {
+                    return Ok(Joined::JobOver(ending));
                 }
                 round += 1;
                 continue;
@@ -205,15 +230,18 @@ impl Rendezvous {
             match self.wait_for_members(round)? {
                 Some(members) if members.contains(&self.node) => {
                     self.last_look = Instant::now();
-                    return Ok(Some(Round { number: round, members }));
+                    return Ok(Joined::Round(Round { number: round, members }));
                 }
-                None if self.finished_before(round)? => return Ok(None),
-                _ => round += 1,
+                None => match self.job_ended_before(round)? {
+                    Some(ending) => return Ok(Joined::JobOver(ending)),
+                    None => round += 1,
+                },
+                Some(_) => round += 1,
             }
         }
     }
 
-    /// Waits until `round` has its members (`Some`), or ended first or the job finished in the
+    /// Waits until `round` has its members (`Some`), or ended first or the job ended with the
     /// round before it (`None`); writes the members when this node is the first to see enough.
     fn wait_for_members(&mut self, round: u64) -> Result<Option<Vec<usize>>> {
         let deadline = Instant::now() + self.timeout;
@@ -225,7 +253,7 @@ impl Rendezvous {
                 return Ok(Some(members));
             }
             let previous = if round == 0 { None } else { self.ended(round - 1)? };
-            if self.ended(round)?.is_some() || previous.as_ref().is_some_and(Ending::is_job_finished) {
+            if self.ended(round)?.is_some() || previous.as_ref().is_some_and(Ending::ends_job) {
                 return Ok(None);
             }
             let joined = self.nodes_with(round, RoundKeys::node_joined, 0..self.nodes.max)?;
@@ -302,10 +330,13 @@ impl Rendezvous {
         self.store.set(&key, b"", Keep::WhileAlive)
     }
 
-    /// Whether the job finished in the round before `round`: a node that comes now has nothing
-    /// to join.
-    fn finished_before(&mut self, round: u64) -> Result<bool> {
-        Ok(round > 0 && self.ended(round - 1)?.is_some_and(|e| e.is_job_finished()))
+    /// How the job ended with the round before `round`, if it did: a node that comes now has
+    /// nothing to join.
+    fn job_ended_before(&mut self, round: u64) -> Result<Option<Ending>> {
+        if round == 0 {
+            return Ok(None);
+        }
+        Ok(self.ended(round - 1)?.filter(Ending::ends_job))
     }
 
     /// Why `round` ended, if it has.
@@ -313,9 +344,40 @@ impl Rendezvous {
         Ok(self.store.check(&self.keys(round).ended())?.map(|v| Ending::decode(&v)))
     }
 
-    /// Ends `round` for every node; the first reason stays, and is returned.
+    /// Ends `round` for every node and returns how it ended: the first reason stays, except that
+    /// an input error replaces any other (the failure it caused elsewhere may be written first).
     pub fn end(&mut self, round: u64, ending: &Ending) -> Result<Ending> {
-        Ok(Ending::decode(&self.store.create(&self.keys(round).ended(), &ending.encode())?))
+        let key = self.keys(round).ended();
+        let first = Ending::decode(&self.store.create(&key, &ending.encode())?);
+        if ending.is_input_error() && !first.is_input_error() {
+            self.store.set(&key, &ending.encode(), Keep::Always)?;
+            return Ok(ending.clone());
+        }
+        Ok(first)
+    }
+
+    /// Says that this node stopped its workers for the ended `round`, waits until the other
+    /// members stopping theirs have too, and returns how the round ended then: a member whose
+    /// worker exits with an input error as it is stopped replaces the round's first ending only
+    /// then ([`Self::end`]), and every node must hear it. Waited for: a member that said it is
+    /// leaving (at most `rejoin`; a lost one's key goes), and for [`ACKNOWLEDGE`] any member
+    /// still there, which may not have seen the end yet.
+    pub fn settle(&mut self, round: &Round) -> Result<Option<Ending>> {
+        self.store.set(&self.keys(round.number).node_stopped(self.node), b"", Keep::WhileAlive)?;
+        let started = Instant::now();
+        let others: Vec<usize> = round.members.iter().copied().filter(|&n| n != self.node).collect();
+        loop {
+            let stopping = if started.elapsed() < ACKNOWLEDGE {
+                self.nodes_with(round.number, RoundKeys::node_joined, others.clone())?
+            } else {
+                self.nodes_with(round.number, RoundKeys::node_leaving, others.clone())?
+            };
+            let stopped = self.nodes_with(round.number, RoundKeys::node_stopped, stopping.clone())?;
+            if stopped.len() == stopping.len() || started.elapsed() >= self.nodes.rejoin {
+                return self.ended(round.number);
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Ends `round` for a failure on this node, which leaves it (stops its workers and joins the
@@ -416,6 +478,15 @@ mod tests {
     use super::*;
     use kdmcse::dist::store::StoreServer;
 
+    impl Joined {
+        fn round(self) -> Round {
+            match self {
+                Joined::Round(round) => round,
+                Joined::JobOver(ending) => panic!("the job is over: {}", ending.reason),
+            }
+        }
+    }
+
     fn nodes(min: usize, max: usize) -> NodeRange {
         NodeRange { min, max, last_call: Duration::from_millis(300), rejoin: Duration::from_secs(5) }
     }
@@ -443,11 +514,11 @@ mod tests {
             let addr = addr.to_owned();
             std::thread::spawn(move || {
                 let mut one = node(&addr, 1, nodes(2, 2));
-                (one.join(0).unwrap().unwrap(), one)
+                (one.join(0).unwrap().round(), one)
             })
         };
         let mut zero = node(addr, 0, nodes(2, 2));
-        let round = zero.join(0).unwrap().unwrap();
+        let round = zero.join(0).unwrap().round();
         let (joined, one) = joiner.join().unwrap();
         assert_eq!(joined, round);
         (zero, one, round)
@@ -463,20 +534,20 @@ mod tests {
         // Node 1's launcher is replaced: the new one ends round 0 and waits in round 1.
         let replacement = {
             let addr = addr.clone();
-            std::thread::spawn(move || node(&addr, 1, nodes(2, 2)).join(0).unwrap().unwrap())
+            std::thread::spawn(move || node(&addr, 1, nodes(2, 2)).join(0).unwrap().round())
         };
         let ending = wait_ended(&mut zero, &first);
         assert_eq!(ending, Ending::failure(1, "node 1 rejoined (a replacement launcher)".into()));
-        let second = zero.join(1).unwrap().unwrap();
+        let second = zero.join(1).unwrap().round();
         assert_eq!(second.number, 1);
         assert_eq!(replacement.join().unwrap(), second);
 
         // The first reason stays; finishing waits for every node.
-        zero.end(1, &Ending::failure(2, "rank 0 failed with exit code 2".into())).unwrap();
-        zero.end(1, &Ending::failure(1, "later".into())).unwrap();
-        assert_eq!(zero.ended(1).unwrap().unwrap().code, 2);
+        zero.end(1, &Ending::failure(1, "rank 0 failed with exit code 1".into())).unwrap();
+        zero.end(1, &Ending::failure(143, "later".into())).unwrap();
+        assert_eq!(zero.ended(1).unwrap().unwrap().code, 1);
         let mut one = node(&addr, 1, nodes(2, 2));
-        assert_eq!(one.finish(&second).unwrap().unwrap().code, 2, "a finished node still sees the round end");
+        assert_eq!(one.finish(&second).unwrap().unwrap().code, 1, "a finished node still sees the round end");
         assert_eq!(one.failures_before(2).unwrap(), 2);
     }
 
@@ -486,7 +557,7 @@ mod tests {
         let addr = server.addr.to_string();
         let mut one = node(&addr, 1, nodes(1, 2));
         let started = Instant::now();
-        let alone = one.join(0).unwrap().unwrap();
+        let alone = one.join(0).unwrap().round();
         assert_eq!(alone, Round { number: 0, members: vec![1] });
         assert_eq!(alone.position(1), 0, "ranks follow the members, not the node ids");
         assert!(started.elapsed() >= Duration::from_millis(300), "the last call was not waited for");
@@ -495,11 +566,11 @@ mod tests {
         // without counting as a failure.
         let newcomer = {
             let addr = addr.clone();
-            std::thread::spawn(move || node(&addr, 0, nodes(1, 2)).join(0).unwrap().unwrap())
+            std::thread::spawn(move || node(&addr, 0, nodes(1, 2)).join(0).unwrap().round())
         };
         let ending = wait_ended(&mut one, &alone);
         assert_eq!(ending, Ending::membership("node 0 is waiting to join".into()));
-        let both = one.join(1).unwrap().unwrap();
+        let both = one.join(1).unwrap().round();
         assert_eq!(both, Round { number: 1, members: vec![0, 1] });
         assert_eq!(newcomer.join().unwrap(), both);
         assert_eq!(one.failures_before(1).unwrap(), 0);
@@ -517,15 +588,15 @@ mod tests {
             let addr = addr.clone();
             std::thread::spawn(move || {
                 let mut rdzv = node(&addr, n, range);
-                (rdzv.join(from).unwrap().unwrap(), Instant::now(), rdzv)
+                (rdzv.join(from).unwrap().round(), Instant::now(), rdzv)
             })
         };
         let mut one = node(&addr, 1, range);
-        let alone = one.join(0).unwrap().unwrap();
+        let alone = one.join(0).unwrap().round();
         let newcomer = joiner(0, 0);
         wait_ended(&mut one, &alone);
         std::thread::sleep(range.last_call * 2);
-        let both = one.join(1).unwrap().unwrap();
+        let both = one.join(1).unwrap().round();
         let (joined, _, mut zero) = newcomer.join().unwrap();
         assert_eq!(joined, Round { number: 1, members: vec![0, 1] });
         assert_eq!(both, joined);
@@ -533,7 +604,7 @@ mod tests {
         // Node 1 is lost as node 0 ends round 1: round 2 starts without it after the last call.
         zero.end(1, &Ending::failure(exit::FAILURE, "rank 1 failed".into())).unwrap();
         let started = Instant::now();
-        let without_one = zero.join(2).unwrap().unwrap();
+        let without_one = zero.join(2).unwrap().round();
         assert_eq!(without_one, Round { number: 2, members: vec![0] });
         assert!(started.elapsed() < range.rejoin, "a lost node was waited for");
 
@@ -569,10 +640,10 @@ mod tests {
         (zero.nodes, one.nodes) = (range, range);
         one.fail(0, &Ending::failure(exit::FAILURE, "rank 2 failed".into())).unwrap();
         assert!(zero.watch(&round).unwrap().is_some());
-        let next = std::thread::spawn(move || zero.join(1).unwrap().unwrap());
+        let next = std::thread::spawn(move || zero.join(1).unwrap().round());
         std::thread::sleep(range.last_call * 3);
         let both = Round { number: 1, members: vec![0, 1] };
-        assert_eq!(one.join(1).unwrap().unwrap(), both);
+        assert_eq!(one.join(1).unwrap().round(), both);
         assert_eq!(next.join().unwrap(), both);
     }
 
@@ -589,7 +660,7 @@ mod tests {
         drop(one);
         assert!(zero.watch(&round).unwrap().is_some());
         let started = Instant::now();
-        assert_eq!(zero.join(1).unwrap().unwrap(), Round { number: 1, members: vec![0] });
+        assert_eq!(zero.join(1).unwrap().round(), Round { number: 1, members: vec![0] });
         assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
     }
 
@@ -598,7 +669,7 @@ mod tests {
         let server = StoreServer::start("127.0.0.1:0").unwrap();
         let addr = server.addr.to_string();
         let mut one = node(&addr, 1, nodes(1, 2));
-        let alone = one.join(0).unwrap().unwrap();
+        let alone = one.join(0).unwrap().round();
         // Node 0 waits in round 1 while round 0 finishes; one that comes later finds it over.
         let waiting = {
             let addr = addr.clone();
@@ -606,8 +677,72 @@ mod tests {
         };
         std::thread::sleep(POLL * 3);
         assert_eq!(one.finish(&alone).unwrap(), None);
-        assert_eq!(waiting.join().unwrap(), None);
-        assert_eq!(node(&addr, 0, nodes(1, 2)).join(0).unwrap(), None);
+        assert_eq!(waiting.join().unwrap(), Joined::JobOver(Ending::job_finished()));
+        assert_eq!(node(&addr, 0, nodes(1, 2)).join(0).unwrap(), Joined::JobOver(Ending::job_finished()));
+    }
+
+    /// An input error replaces the failure it caused elsewhere, which may have been written
+    /// first: no node restarts, and one that comes later finds the job over.
+    #[test]
+    fn an_input_error_replaces_the_first_ending_and_ends_the_job() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        let (mut zero, mut one, _) = two_nodes_join(&addr);
+        let first = Ending::failure(1, "rank 0 failed with exit code 1".into());
+        assert_eq!(zero.fail(0, &first).unwrap(), first);
+        let input = Ending::failure(2, "rank 1 failed with exit code 2".into());
+        assert_eq!(one.fail(0, &input).unwrap(), input);
+        assert_eq!(zero.end(0, &Ending::failure(1, "later".into())).unwrap(), input);
+        assert_eq!(zero.join(1).unwrap(), Joined::JobOver(input.clone()));
+        assert_eq!(node(&addr, 1, nodes(2, 2)).join(0).unwrap(), Joined::JobOver(input));
+    }
+
+    /// Node 0 fails and settles round 0, while node 1 (having seen the end, or not yet) finds an
+    /// input error `delay` later: node 0 must hear it.
+    fn settling_hears_an_input_error_found(seen_end: bool, delay: Duration) {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let (mut zero, mut one, round) = two_nodes_join(&server.addr.to_string());
+        let first = Ending::failure(1, "rank 0 failed with exit code 1".into());
+        zero.fail(0, &first).unwrap();
+        if seen_end {
+            assert_eq!(wait_ended(&mut one, &round), first);
+        }
+        let settling = {
+            let round = round.clone();
+            std::thread::spawn(move || (zero.settle(&round).unwrap(), zero))
+        };
+        std::thread::sleep(delay);
+        let input = Ending::failure(2, "rank 1 failed with exit code 2".into());
+        one.end(0, &input).unwrap();
+        assert_eq!(one.settle(&round).unwrap(), Some(input.clone()));
+        let (settled, mut zero) = settling.join().unwrap();
+        assert_eq!(settled, Some(input.clone()));
+        assert_eq!(zero.join(1).unwrap(), Joined::JobOver(input));
+    }
+
+    /// Settling waits for a member still there that has not said it saw the end yet...
+    #[test]
+    fn settling_waits_for_a_member_yet_to_see_the_end() {
+        settling_hears_an_input_error_found(false, POLL * 3);
+    }
+
+    /// ... and, past that, for one that said it is leaving, until it stopped its workers.
+    #[test]
+    fn settling_waits_for_a_member_stopping_its_workers() {
+        settling_hears_an_input_error_found(true, ACKNOWLEDGE + POLL * 3);
+    }
+
+    #[test]
+    fn a_member_lost_while_stopping_its_workers_is_not_waited_for() {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let (mut zero, mut one, round) = two_nodes_join(&server.addr.to_string());
+        let first = Ending::failure(1, "rank 0 failed with exit code 1".into());
+        zero.fail(0, &first).unwrap();
+        assert_eq!(wait_ended(&mut one, &round), first);
+        drop(one);
+        let started = Instant::now();
+        assert_eq!(zero.settle(&round).unwrap(), Some(first));
+        assert!(started.elapsed() < nodes(2, 2).rejoin / 2, "waited {:?}", started.elapsed());
     }
 
     /// The last node to finish marks the job finished; a node whose read of the done nodes came

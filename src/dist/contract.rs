@@ -88,7 +88,14 @@ impl RoundKeys {
         self.key(format_args!("leaving/{node}"))
     }
 
-    /// Why the round ended (`"{exit code} {reason}"`), set once by the first launcher to know.
+    /// Node `node`'s launcher stopped its workers after the round ended; its word on how the
+    /// round ended is in.
+    pub fn node_stopped(&self, node: usize) -> String {
+        self.key(format_args!("stopped/{node}"))
+    }
+
+    /// Why the round ended (`"{exit code} {reason}"`), set by the first launcher to know (an
+    /// input error found later replaces any other reason).
     pub fn ended(&self) -> String {
         self.key(format_args!("ended"))
     }
@@ -125,6 +132,8 @@ mod tests {
         assert_eq!(keys.members(), "job/r3/members");
         assert_eq!(keys.node_joined(1), "job/r3/node/1");
         assert_eq!(keys.node_done(0), "job/r3/done/0");
+        assert_eq!(keys.node_leaving(2), "job/r3/leaving/2");
+        assert_eq!(keys.node_stopped(2), "job/r3/stopped/2");
         assert_eq!(keys.ended(), "job/r3/ended");
         assert_eq!(keys.lost(), "job/r3/lost");
         assert_eq!(keys.heartbeat(2), "job/r3/hb/2");

@@ -114,9 +114,9 @@ impl TcpCommunicator {
                 .map(|(peer, stream)| {
                     scope.spawn(move || -> Result<()> {
                         let mut writer = BufWriter::with_capacity(1 << 20, stream);
-                        writer.write_all(&(data.len() as u64).to_le_bytes())?;
-                        writer.write_all(data)?;
-                        writer.flush().with_context(|| format!("collectives: lost rank {peer}"))
+                        writer.write_all(&(data.len() as u64).to_le_bytes()).map_err(|e| lost(peer, e))?;
+                        writer.write_all(data).map_err(|e| lost(peer, e))?;
+                        writer.flush().map_err(|e| lost(peer, e))
                     })
                 })
                 .collect();
@@ -128,9 +128,9 @@ impl TcpCommunicator {
                 // No read-ahead buffer: bytes past this message belong to the next collective.
                 let mut reader = stream;
                 let mut len = [0u8; 8];
-                reader.read_exact(&mut len).with_context(|| format!("collectives: lost rank {peer}"))?;
+                reader.read_exact(&mut len).map_err(|e| lost(peer, e))?;
                 let mut buf = vec![0u8; u64::from_le_bytes(len) as usize];
-                reader.read_exact(&mut buf).with_context(|| format!("collectives: lost rank {peer}"))?;
+                reader.read_exact(&mut buf).map_err(|e| lost(peer, e))?;
                 out[peer] = buf;
             }
             for sender in senders {
@@ -140,6 +140,20 @@ impl TcpCommunicator {
         })?;
         Ok(out)
     }
+}
+
+/// A collective's connection to `peer` failed: what that says of the peer, then the I/O error.
+fn lost(peer: usize, err: std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let why = match err.kind() {
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe => "its connection closed: its process exited or its host went down",
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => "it sent nothing within the collective timeout",
+        _ => "the connection to it failed",
+    };
+    anyhow::anyhow!("collectives: lost rank {peer}: {why} ({err})")
 }
 
 /// A tensor as raw little-endian f32 bytes (the wire format of the tensor collectives, which
@@ -235,5 +249,52 @@ impl Communicator for TcpCommunicator {
 
     fn time_in_collectives(&self) -> Duration {
         self.busy.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::store::{StoreAddress, StoreServer};
+
+    /// Ranks 0 and 1 of a mesh that met on a store on loopback, each with its store client (the
+    /// addresses live while it does).
+    fn mesh(timeout: Duration) -> [(TcpCommunicator, Box<dyn Store>); 2] {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let address = StoreAddress::Tcp(server.addr.to_string());
+        let keys = RoundKeys::new("job", 0);
+        let rank = |rank: usize| {
+            let (address, keys) = (address.clone(), keys.clone());
+            std::thread::spawn(move || {
+                let mut store = address.connect(timeout).unwrap();
+                let comm = TcpCommunicator::connect(
+                    store.as_mut(),
+                    rank,
+                    2,
+                    "127.0.0.1",
+                    &keys,
+                    timeout,
+                    Arc::default(),
+                )
+                .unwrap();
+                (comm, store)
+            })
+        };
+        [rank(0), rank(1)].map(|rank| rank.join().unwrap())
+    }
+
+    #[test]
+    fn a_peer_whose_process_exited_is_named_with_its_closed_connection() {
+        let [(zero, _store), one] = mesh(Duration::from_secs(10));
+        drop(one);
+        let err = format!("{:#}", zero.all_gather_bytes(b"step").unwrap_err());
+        assert!(err.contains("lost rank 1: its connection closed"), "{err}");
+    }
+
+    #[test]
+    fn a_silent_peer_is_named_once_the_timeout_passed() {
+        let [(zero, _store), _one] = mesh(Duration::from_secs(1));
+        let err = format!("{:#}", zero.all_gather_bytes(b"step").unwrap_err());
+        assert!(err.contains("lost rank 1: it sent nothing within the collective timeout"), "{err}");
     }
 }
