@@ -618,6 +618,29 @@ fn stand_in_worker(dir: &Path, script: &str) -> PathBuf {
     path
 }
 
+/// Runs the two launchers of a 2-node job on the static store with `nproc` stand-in workers each
+/// (`worker`, with `env` set) and `args` before the workers' arguments; returns how each ended.
+fn run_two_stand_in_nodes(nproc: &str, worker: &Path, args: &[&str], env: &[(&str, &Path)]) -> [Output; 2] {
+    let port = free_port().to_string();
+    let nodes = ["0", "1"].map(|node| {
+        launcher(&["--nproc", nproc, "--nnodes", "2", "--node-rank", node, "--master-port", &port])
+            .args(args)
+            .args(["--", "--config", "unread.toml"])
+            .env("KDMCSE_BIN", worker)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
+    nodes.map(|node| node.wait_with_output().unwrap())
+}
+
+/// A launcher's log (its stderr).
+fn log(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A worker that fails ends the round for every node before its launcher stops the node's other
 /// workers: node 0's rank 1 stops only once node 1's workers got their SIGTERM, which node 1's
 /// launcher sends when it sees the round end. Had node 0 stopped its own workers first, it would
@@ -634,19 +657,8 @@ fn a_failed_worker_ends_the_round_everywhere_before_its_node_stops_the_others() 
          *) trap 'touch \"$SIGNALLED\"; exit 143' TERM; while :; do sleep 0.1; done ;;\n\
          esac\n",
     );
-    let port = free_port().to_string();
-    let nodes = ["0", "1"].map(|node| {
-        launcher(&["--nproc", "2", "--nnodes", "2", "--node-rank", node, "--master-port", &port])
-            .args(["--stop-timeout-s", "60", "--", "--config", "unread.toml"])
-            .env("KDMCSE_BIN", &worker)
-            .env("SIGNALLED", &signalled)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    });
-    let [zero, one] = nodes.map(|node| node.wait_with_output().unwrap());
-    let log = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let [zero, one] =
+        run_two_stand_in_nodes("2", &worker, &["--stop-timeout-s", "60"], &[("SIGNALLED", &signalled)]);
     assert_eq!(zero.status.code(), Some(1), "{}", log(&zero));
     assert!(!log(&zero).contains("did not stop within"), "node 0 stopped its workers first:\n{}", log(&zero));
     assert_eq!(one.status.code(), Some(1), "{}", log(&one));
@@ -667,19 +679,8 @@ fn an_input_error_found_while_stopping_ends_the_job_on_every_node() {
          *) trap 'sleep 0.3; exit 2' TERM; while :; do sleep 0.1; done ;;\n\
          esac\n",
     );
-    let port = free_port().to_string();
-    let nodes = ["0", "1"].map(|node| {
-        launcher(&["--nproc", "1", "--nnodes", "2", "--node-rank", node, "--master-port", &port])
-            .args(["--max-restarts", "1", "--stop-timeout-s", "10", "--", "--config", "unread.toml"])
-            .env("KDMCSE_BIN", &worker)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    });
-    let [zero, one] = nodes.map(|node| node.wait_with_output().unwrap());
-    let log = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
-    for out in [&zero, &one] {
+    let args = ["--max-restarts", "1", "--stop-timeout-s", "10"];
+    for out in &run_two_stand_in_nodes("1", &worker, &args, &[]) {
         assert_eq!(out.status.code(), Some(2), "{}", log(out));
         assert!(!log(out).contains("round 1"), "a round was restarted:\n{}", log(out));
         assert!(log(out).contains("rank 1 failed with exit code 2"), "{}", log(out));
@@ -724,7 +725,6 @@ fn a_node_whose_workers_finished_is_done_though_etcd_dies() {
     }
     etcd.kill(0);
     let [zero, one] = nodes.map(|node| node.wait_with_output().unwrap());
-    let log = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(zero.status.code(), Some(0), "{}", log(&zero));
     assert!(log(&zero).contains("recording that this node's workers finished"), "{}", log(&zero));
     assert_eq!(one.status.code(), Some(1), "{}", log(&one));
