@@ -653,10 +653,8 @@ impl Job<'_> {
                 ControlFlow::Break(code)
             }
             GroupOutcome::Failed { rank, status } => {
-                let code = status.code().filter(|&c| c != 0).unwrap_or(exit::FAILURE);
-                let reason = format!("rank {rank} failed with {}", describe(status));
                 // The other nodes first: they stop their workers while this one stops its own.
-                let ending = rdzv.fail(round.number, &Ending::failure(code, reason));
+                let ending = rdzv.fail(round.number, &worker_failure(rank, status));
                 stop_group(&mut children, grace);
                 ControlFlow::Continue(outranked(rdzv, round, &mut children, first_rank, ending?))
             }
@@ -666,6 +664,12 @@ impl Job<'_> {
             }
         })
     }
+}
+
+/// The ending a worker's failure gives its round: the worker's exit code (1 for a signal).
+fn worker_failure(rank: usize, status: ExitStatus) -> Ending {
+    let code = status.code().filter(|&c| c != 0).unwrap_or(exit::FAILURE);
+    Ending::failure(code, format!("rank {rank} failed with {}", describe(status)))
 }
 
 /// `ending`, unless one of this node's stopped workers exited with an input error (as its round
@@ -686,7 +690,7 @@ fn outranked(
         (status.code() == Some(exit::INPUT_ERROR)).then(|| (first_rank + local_rank, status))
     });
     let Some((rank, status)) = input_error else { return ending };
-    let own = Ending::failure(exit::INPUT_ERROR, format!("rank {rank} failed with {}", describe(status)));
+    let own = worker_failure(rank, status);
     eprintln!("[launcher] {}: the round ends on it, not on {}", own.reason, ending.reason);
     rdzv.end(round.number, &own).unwrap_or(own)
 }

@@ -114,9 +114,11 @@ impl TcpCommunicator {
                 .map(|(peer, stream)| {
                     scope.spawn(move || -> Result<()> {
                         let mut writer = BufWriter::with_capacity(1 << 20, stream);
-                        writer.write_all(&(data.len() as u64).to_le_bytes()).map_err(|e| lost(peer, e))?;
-                        writer.write_all(data).map_err(|e| lost(peer, e))?;
-                        writer.flush().map_err(|e| lost(peer, e))
+                        writer
+                            .write_all(&(data.len() as u64).to_le_bytes())
+                            .and_then(|()| writer.write_all(data))
+                            .and_then(|()| writer.flush())
+                            .map_err(|e| lost(peer, e))
                     })
                 })
                 .collect();
