@@ -2,6 +2,7 @@
 //! environment variables and `--set key=value` overrides. Unknown keys are errors; the effective
 //! configuration is logged and saved with every checkpoint.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -518,25 +519,51 @@ pub const RESULT_NEUTRAL_KEYS: [&str; 12] = [
     "train.phase_timings",
 ];
 
-/// The first key (in sorted order, neutral keys left out) whose value differs between a
-/// checkpoint's config and this run's, with both values.
-pub fn training_difference(checkpoint: &TrainConfig, run: &TrainConfig) -> Option<(String, String, String)> {
-    let table =
-        |c: &TrainConfig| toml::from_str::<toml::Table>(&c.to_toml()).expect("the config serialises to TOML");
-    let (was, now) = (flatten(&table(checkpoint)), flatten(&table(run)));
-    let keys: std::collections::BTreeSet<&String> = was.keys().chain(now.keys()).collect();
+/// Keys that name the training data. Where the data itself is compared (by the digests of
+/// [`crate::checkpoint::layout::InputDigests`]) they may differ: files may move between a run and
+/// its resume, and ranks may mount them at other paths.
+pub const DATA_PATH_KEYS: [&str; 2] = ["data.text", "data.paired"];
+
+/// The first key (in sorted order, neutral keys left out, and with `data_by_content` the
+/// [`DATA_PATH_KEYS`]) whose value differs between a checkpoint's config and this run's, with
+/// both values.
+pub fn training_difference(
+    checkpoint: &TrainConfig,
+    run: &TrainConfig,
+    data_by_content: bool,
+) -> Option<(String, String, String)> {
+    first_difference(&training_keys(checkpoint, data_by_content), &training_keys(run, data_by_content))
+}
+
+/// `section.key` -> value (as TOML text) of every key that changes the training: all but
+/// [`RESULT_NEUTRAL_KEYS`], and with `data_by_content` (the data is compared instead) all but
+/// [`DATA_PATH_KEYS`].
+pub fn training_keys(cfg: &TrainConfig, data_by_content: bool) -> BTreeMap<String, String> {
+    let table = toml::from_str::<toml::Table>(&cfg.to_toml()).expect("the config serialises to TOML");
+    let mut keys = flatten(&table);
+    let compared_elsewhere =
+        |k: &str| RESULT_NEUTRAL_KEYS.contains(&k) || (data_by_content && DATA_PATH_KEYS.contains(&k));
+    keys.retain(|k, _| !compared_elsewhere(k));
+    keys
+}
+
+/// The first key (in sorted order) whose value differs between `a` and `b` ([`training_keys`]),
+/// with its value in each.
+pub fn first_difference(
+    a: &BTreeMap<String, String>,
+    b: &BTreeMap<String, String>,
+) -> Option<(String, String, String)> {
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
-    let difference =
-        keys.into_iter().filter(|k| !RESULT_NEUTRAL_KEYS.contains(&k.as_str())).find_map(|key| {
-            let (a, b) = (was.get(key), now.get(key));
-            (a != b).then(|| (key.clone(), show(a), show(b)))
-        });
-    difference
+    keys.into_iter().find_map(|key| {
+        let (x, y) = (a.get(key), b.get(key));
+        (x != y).then(|| (key.clone(), show(x), show(y)))
+    })
 }
 
 /// `section.key` -> the value as TOML text.
-fn flatten(table: &toml::Table) -> std::collections::BTreeMap<String, String> {
-    let mut out = std::collections::BTreeMap::new();
+fn flatten(table: &toml::Table) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
     for (section, value) in table {
         match value {
             toml::Value::Table(keys) => {

@@ -641,6 +641,88 @@ fn log(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Every rank must train the same run: a rank started with another config, one that reads another
+/// copy of the data at the same path, and ranks whose node-local `output.dir` holds different
+/// checkpoints are each refused before the first step (exit 2, naming what differs), while a rank
+/// that cannot read the checkpoint rank 0 resumes fails as a restart may cure (exit 1); the same
+/// sentences at another path, with blank lines, are the same data. The two nodes are two
+/// folders: each rank works in its own (`node-$RANK`), where the config's relative paths resolve.
+#[test]
+fn ranks_that_differ_in_config_data_or_checkpoints_are_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::quick_config(dir.path(), "out", 4, 2);
+    let wiki = std::fs::read_to_string(common::shared_dir().join("data/wiki/wiki_sample_10k.txt")).unwrap();
+    let sentences: Vec<&str> = wiki.lines().take(100).collect();
+    let write_corpus = |node: usize, file: &str, sentences: &[&str], separator: &str| {
+        let folder = dir.path().join(format!("node-{node}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join(file), sentences.join(separator) + "\n").unwrap();
+    };
+    let worker = stand_in_worker(
+        dir.path(),
+        "cd \"$NODES/node-$RANK\" || exit 1\n\
+         if [ \"$RANK\" = 1 ]; then exec \"$KDMCSE\" \"$@\" $RANK_1_ARGS; else exec \"$KDMCSE\" \"$@\"; fi\n",
+    );
+    let launch = |rank_1_args: &str| {
+        let cfg = config.to_str().unwrap();
+        launcher(&[
+            "--nproc",
+            "2",
+            "--standalone",
+            "--config",
+            cfg,
+            "--",
+            "--set",
+            "data.text=[\"corpus.txt\"]",
+        ])
+        .env("KDMCSE_BIN", &worker)
+        .env("KDMCSE", kdmcse_bin())
+        .env("NODES", dir.path())
+        .env("RANK_1_ARGS", rank_1_args)
+        .output()
+        .unwrap()
+    };
+    let refused = |out: &Output, needles: &[&str]| {
+        assert_eq!(out.status.code(), Some(2), "{}", log(out));
+        assert!(!log(out).contains("step 1/"), "a step was taken:\n{}", log(out));
+        for needle in needles {
+            assert!(log(out).contains(needle), "no {needle:?} in:\n{}", log(out));
+        }
+    };
+    write_corpus(0, "corpus.txt", &sentences, "\n");
+    write_corpus(1, "corpus.txt", &sentences, "\n");
+    refused(
+        &launch("--set train.lr=1e-4"),
+        &["rank 1 was started with train.lr = 0.0001, rank 0 with train.lr ="],
+    );
+    let mut edited = sentences.clone();
+    edited[50] = "a sentence only node 1 has";
+    write_corpus(1, "corpus.txt", &edited, "\n");
+    refused(
+        &launch(""),
+        &["rank 1 reads the text corpus (data.text) as 100 sentences", "rank 0 as 100 sentences"],
+    );
+    // The same sentences at another path, with blank lines between them: the same data.
+    write_corpus(1, "copy.txt", &sentences, "\n\n");
+    let copy = "--set data.text=[\"copy.txt\"]";
+    assert_ok(&launch(copy));
+    assert!(dir.path().join("node-0/out/checkpoints/step-00000002").is_dir());
+    refused(
+        &launch(copy),
+        &["rank 0 resumes from step-00000002 and rank 1 from (no checkpoint)", "node-local output.dir"],
+    );
+    // Rank 1's store lists rank 0's checkpoint but cannot read it: a failure a restart may cure.
+    let (local_0, local_1) = (dir.path().join("node-0/out"), dir.path().join("node-1/out"));
+    assert!(Command::new("cp").arg("-rT").args([&local_0, &local_1]).status().unwrap().success());
+    let weights = local_1.join("checkpoints/step-00000002/model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes[1000] ^= 0xFF;
+    std::fs::write(&weights, bytes).unwrap();
+    let out = launch(copy);
+    assert_eq!(out.status.code(), Some(1), "{}", log(&out));
+    assert!(log(&out).contains("rank 1 could not read what rank 0 did"), "{}", log(&out));
+}
+
 /// A worker that fails ends the round for every node before its launcher stops the node's other
 /// workers: node 0's rank 1 stops only once node 1's workers got their SIGTERM, which node 1's
 /// launcher sends when it sees the round end. Had node 0 stopped its own workers first, it would

@@ -1,7 +1,7 @@
 //! Nothing bad gets in silently, by class: values out of their range, model folders that do not
-//! cover their config, training that diverges, two runs in one folder, and exits that leave
-//! something behind. Each case runs the binaries as users do and checks the exit status and that
-//! the message names the key, file or line.
+//! cover their config, training that diverges, two runs in one folder, data changed under a
+//! resume, and exits that leave something behind. Each case runs the binaries as users do and
+//! checks the exit status and that the message names the key, file or line.
 
 mod common;
 
@@ -486,4 +486,49 @@ fn every_corpus_format_trains_the_same_and_names_a_malformed_row() {
         assert_fails_with(&out, &needles);
         assert_eq!(out.status.code(), Some(2), "{corpus}: an input error");
     }
+}
+
+/// A resume compares its data by content, not by path: the same files with a sentence or a
+/// caption changed would continue another training, so the resume is refused with what changed
+/// (unless `--allow-config-change`); the same sentences at another path, with blank lines (which
+/// the corpus skips) between them, resume.
+#[test]
+fn a_resume_onto_changed_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = quick(dir.path(), 4);
+    let shared = common::shared_dir().join("data");
+    let wiki = std::fs::read_to_string(shared.join("wiki/wiki_sample_10k.txt")).unwrap();
+    let sentences: Vec<&str> = wiki.lines().take(200).collect();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, sentences.join("\n") + "\n").unwrap();
+    let teacher = dir.path().join("teacher");
+    std::fs::create_dir_all(&teacher).unwrap();
+    for file in ["teacher.safetensors", "captions.txt", "images.txt"] {
+        std::fs::copy(shared.join("teacher").join(file), teacher.join(file)).unwrap();
+    }
+    let text = format!("data.text=[\"{}\"]", corpus.display());
+    let paired = format!("data.paired=\"{}\"", teacher.display());
+    let run = |extra: &[&str]| train(&config, &[&["--set", &text, "--set", &paired], extra].concat());
+    assert_ok(&run(&["--stop-after", "2"]));
+    // The same sentences moved elsewhere, with blank lines between them, are the same data.
+    let moved = dir.path().join("moved.txt");
+    std::fs::write(&moved, sentences.join("\n\n") + "\n\n").unwrap();
+    let set = format!("data.text=[\"{}\"]", moved.display());
+    let out = train(&config, &["--set", &set, "--set", &paired, "--stop-after", "3"]);
+    assert_ok(&out);
+    assert_eq!(events(&out.stdout, "resumed")[0]["step"], 2);
+    let mut edited = sentences.clone();
+    edited[17] = "a sentence that was not there";
+    std::fs::write(&corpus, edited.join("\n") + "\n").unwrap();
+    assert_fails_with(
+        &run(&[]),
+        &["step-00000003", "the text corpus (data.text)", "200 sentences", "--allow-config-change"],
+    );
+    std::fs::write(&corpus, sentences.join("\n") + "\n").unwrap();
+    let captions = std::fs::read_to_string(teacher.join("captions.txt")).unwrap();
+    std::fs::write(teacher.join("captions.txt"), captions.replacen('a', "the", 1)).unwrap();
+    assert_fails_with(&run(&[]), &["the paired corpus (data.paired)", "other data"]);
+    let out = run(&["--allow-config-change"]);
+    assert_ok(&out);
+    assert_eq!(events(&out.stdout, "resumed")[0]["step"], 3);
 }

@@ -1,8 +1,8 @@
 //! The saved run: its rules, apart from the training loop. Which checkpoint a run resumes and
-//! what a resume must refuse (a config that trains differently, another pool, another
-//! architecture), when a step saves, what a checkpoint is made of, the `best` and `latest`
-//! pointers, retention, the background upload, the export of the best model at the end, and the
-//! flight records of a failed run. The trainer calls [`Checkpointer`] in a few lines.
+//! what a resume must refuse (a config that trains differently, other data, another pool,
+//! another architecture, ranks that found different checkpoints), when a step saves, what a
+//! checkpoint is made of, the `best` and `latest` pointers, retention, the background upload, the
+//! export of the best model at the end, and the flight records of a failed run. The trainer calls [`Checkpointer`] in a few lines.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -10,13 +10,25 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use bytes::Bytes;
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 use super::background::{Job, Uploads};
-use super::layout::{self, TrainerState, CONFIG, ENCODER_CONFIG, MODEL, OPTIMIZER, STATE};
+use super::layout::{
+    self, InputDigests, TrainerState, CONFIG, ENCODER_CONFIG, INPUTS, MODEL, OPTIMIZER, STATE,
+};
 use super::{Checkpoint, CheckpointStore, Pointer, BEST_MODEL};
 use crate::config::{training_difference, OutputConfig, TrainConfig};
 use crate::dist::Communicator;
 use crate::InputError;
+
+/// What a rank found in the output store at the start ([`Checkpointer::resume_point`]).
+#[derive(Serialize, Deserialize)]
+struct Found {
+    /// The checkpoint it would resume.
+    resumes: Option<String>,
+    /// Every checkpoint the store lists.
+    listed: Vec<String>,
+}
 
 /// How a run starts: where from, and what it may do to the output folder it finds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,17 +120,20 @@ impl Checkpointer {
     /// Where the run starts, as `start` says. A run never mixes with another in one folder: a
     /// fresh start into a folder with checkpoints, or onto checkpoints none of which verifies,
     /// needs `overwrite` (which deletes them first, on rank 0, while the others wait); a resume
-    /// must fit the run ([`Self::check_fits`]).
+    /// must fit the run ([`Self::check_fits`]). Every rank must find the same checkpoint.
     pub fn resume_point(&self, start: &Start, comm: &dyn Communicator) -> Result<ResumePoint> {
-        let checkpoint = match &start.resume {
-            Resume::None => return self.fresh_start(start, "--resume none starts a new run", comm),
-            Resume::Auto => match self.store.load_newest()? {
-                Some(c) => c,
-                None => {
-                    return self.fresh_start(start, "none of them verifies (see the warnings above)", comm)
-                }
-            },
-            Resume::From(location) => layout::open(location, Some(&self.store))?,
+        let found = match &start.resume {
+            Resume::None => None,
+            Resume::Auto => self.store.load_newest()?,
+            Resume::From(location) => Some(layout::open(location, Some(&self.store))?),
+        };
+        self.same_on_every_rank(found.as_ref(), comm)?;
+        let Some(checkpoint) = found else {
+            let why = match start.resume {
+                Resume::None => "--resume none starts a new run",
+                _ => "none of them verifies (see the warnings above)",
+            };
+            return self.fresh_start(start, why, comm);
         };
         self.check_fits(&checkpoint, start.allow_config_change).map_err(InputError::wrap)?;
         let saved = TrainerState::of(&checkpoint)?.world_size;
@@ -132,6 +147,38 @@ impl Checkpointer {
         }
         tracing::info!(checkpoint = %checkpoint.name, "resuming");
         Ok(ResumePoint::Checkpoint(checkpoint))
+    }
+
+    /// Refuses a start where ranks found different checkpoints (or some none). Where rank 0's
+    /// is missing from another rank's store, their `output.dir` is not one store (a node-local
+    /// path on several nodes): an input error. Where it is there, that rank could not read it,
+    /// which a restart may cure.
+    fn same_on_every_rank(&self, found: Option<&Checkpoint>, comm: &dyn Communicator) -> Result<()> {
+        let mine = Found { resumes: found.map(|c| c.name.clone()), listed: self.store.list()? };
+        let all = comm
+            .all_gather_bytes(&serde_json::to_vec(&mine)?)?
+            .iter()
+            .map(|bytes| serde_json::from_slice(bytes))
+            .collect::<Result<Vec<Found>, _>>()?;
+        let zero = &all[0];
+        let Some((rank, theirs)) = all.iter().enumerate().find(|(_, f)| f.resumes != zero.resumes) else {
+            return Ok(());
+        };
+        let (url, name) =
+            (self.store.url(), |f: &Found| f.resumes.clone().unwrap_or("(no checkpoint)".into()));
+        let differ =
+            format!("rank 0 resumes from {} and rank {rank} from {} in {url}", name(zero), name(theirs));
+        let one_store = match &zero.resumes {
+            Some(checkpoint) => theirs.listed.contains(checkpoint),
+            None => theirs.listed.iter().all(|c| zero.listed.contains(c)),
+        };
+        if one_store {
+            bail!("{differ}: rank {rank} could not read what rank 0 did (its warnings say why)");
+        }
+        Err(InputError::wrap(anyhow::anyhow!(
+            "{differ}, which holds other checkpoints for each: every rank must see one store, which a \
+             node-local output.dir on several nodes is not (use s3://, az:// or a shared filesystem)"
+        )))
     }
 
     fn fresh_start(&self, start: &Start, why: &str, comm: &dyn Communicator) -> Result<ResumePoint> {
@@ -163,8 +210,8 @@ impl Checkpointer {
 
     /// Refuses a checkpoint this run cannot continue: another encoder than the model folder's,
     /// and unless `allow_config_change`, a config that trains differently (the keys of
-    /// [`crate::config::RESULT_NEUTRAL_KEYS`] may differ) or another pool (another number of
-    /// ranks may resume it, the global batch must stay).
+    /// [`crate::config::RESULT_NEUTRAL_KEYS`] may differ), other data ([`InputDigests`]) or
+    /// another pool (another number of ranks may resume it, the global batch must stay).
     pub fn check_fits(&self, checkpoint: &Checkpoint, allow_config_change: bool) -> Result<()> {
         let name = &checkpoint.name;
         let ours: crate::model::Config =
@@ -180,13 +227,15 @@ impl Checkpointer {
             return Ok(());
         }
         let theirs = layout::run_config(checkpoint)?;
-        if let Some((key, was, now)) = training_difference(&theirs, &self.config) {
+        let data_by_content = checkpoint.parts.contains_key(INPUTS);
+        if let Some((key, was, now)) = training_difference(&theirs, &self.config, data_by_content) {
             bail!(
                 "checkpoint {name} was trained with {key} = {was}, this run has {key} = {now}: resuming would \
                  continue another training; pass --allow-config-change to resume anyway, or start a new \
                  run elsewhere"
             );
         }
+        self.check_same_inputs(checkpoint)?;
         // The same config gives another pool on another number of ranks with `batch_size`.
         let saved_world = TrainerState::of(checkpoint)?.world_size;
         let was = theirs.train.rank_batch(saved_world)? * saved_world;
@@ -197,6 +246,25 @@ impl Checkpointer {
                  has {now} ({} ranks): set train.global_batch = {was} to continue the same training, or pass \
                  --allow-config-change to resume with the new pool",
                 self.world_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses a checkpoint trained on other data than this run reads; one written before
+    /// checkpoints held [`INPUTS`] is not compared.
+    fn check_same_inputs(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let name = &checkpoint.name;
+        let Some(was) = InputDigests::of(&checkpoint.parts, &format!("checkpoint {name}"))? else {
+            tracing::info!(checkpoint = %name, "the checkpoint predates {INPUTS}: its data is not compared");
+            return Ok(());
+        };
+        let now = InputDigests::of(&self.static_parts, "this run")?;
+        if let Some((what, was, now)) = now.and_then(|now| was.difference(&now)) {
+            bail!(
+                "checkpoint {name} was trained on {what}: {was}, this run reads {now}: resuming would \
+                 continue the training on other data; pass --allow-config-change to resume anyway, or \
+                 start a new run elsewhere"
             );
         }
         Ok(())

@@ -9,10 +9,11 @@ use bytes::Bytes;
 use candle_core::{Device, Tensor};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::{split_location, Checkpoint, CheckpointStore};
 use crate::config::TrainConfig;
-use crate::data::DataPosition;
+use crate::data::{CorpusDigest, DataPosition};
 use crate::model;
 
 /// Every trainable tensor: `encoder.<Hugging Face key>` and `heads.<head>.dense.*`.
@@ -31,6 +32,8 @@ pub const ENCODER_CONFIG: &str = "encoder_config.json";
 pub const POOLER: &str = "pooler.safetensors";
 /// Tokenizer files, `tokenizer/<file>`.
 pub const TOKENIZER_PREFIX: &str = "tokenizer/";
+/// What the run read, by content ([`InputDigests`]).
+pub const INPUTS: &str = "inputs.json";
 
 /// Tokenizer files carried into checkpoints and exports when the model folder has them.
 pub const TOKENIZER_FILES: [&str; 6] = [
@@ -78,6 +81,67 @@ fn pooler(dir: &Path, config: &model::Config) -> Result<Option<Bytes>> {
         return Ok(None);
     }
     Ok(Some(safetensors_bytes(&pooler)?))
+}
+
+/// What a run reads, by content: a resume onto other data (or another tokenizer), or ranks that
+/// read different files, would train a mixture without any error, so both are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputDigests {
+    /// `data.text`.
+    pub text: CorpusDigest,
+    /// `data.paired`, when the objective reads it.
+    pub paired: Option<CorpusDigest>,
+    /// The SHA-256 of the model folder's [`static_parts`] (its `config.json`, tokenizer, pooler).
+    pub model_files: String,
+}
+
+impl InputDigests {
+    /// The digests of a run's corpora and the model folder's `static_parts`.
+    pub fn new(
+        text: CorpusDigest,
+        paired: Option<CorpusDigest>,
+        static_parts: &BTreeMap<String, Bytes>,
+    ) -> Self {
+        let mut hash = Sha256::new();
+        for (name, bytes) in static_parts {
+            hash.update((name.len() as u64).to_le_bytes());
+            hash.update(name.as_bytes());
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        }
+        Self { text, paired, model_files: hex::encode(hash.finalize()) }
+    }
+
+    /// What the checkpoint (or the run) named `whose` read, from its `parts` ([`INPUTS`]); `None`
+    /// for a checkpoint written before kdmcse saved it.
+    pub fn of(parts: &BTreeMap<String, Bytes>, whose: &str) -> Result<Option<Self>> {
+        let Some(bytes) = parts.get(INPUTS) else { return Ok(None) };
+        let digests =
+            serde_json::from_slice(bytes).with_context(|| format!("{whose}: unreadable {INPUTS}"))?;
+        Ok(Some(digests))
+    }
+
+    /// The first input that differs from `other`'s: what it is (with its key), and each side's
+    /// digest.
+    pub fn difference(&self, other: &Self) -> Option<(&'static str, String, String)> {
+        if self.text != other.text {
+            let (a, b) = (self.text.describe("sentences"), other.text.describe("sentences"));
+            return Some(("the text corpus (data.text)", a, b));
+        }
+        if self.paired != other.paired {
+            let show =
+                |d: &Option<CorpusDigest>| d.as_ref().map_or("(none)".into(), |d| d.describe("captions"));
+            return Some(("the paired corpus (data.paired)", show(&self.paired), show(&other.paired)));
+        }
+        let short = |s: &str| format!("sha256 {}", &s[..s.len().min(16)]);
+        (self.model_files != other.model_files).then(|| {
+            (
+                "the model folder's config.json and tokenizer (model.path)",
+                short(&self.model_files),
+                short(&other.model_files),
+            )
+        })
+    }
 }
 
 /// Named tensors as a safetensors file, keys sorted (the same bytes for the same tensors).
@@ -144,5 +208,49 @@ pub fn open(location: &str, run: Option<&CheckpointStore>) -> Result<Checkpoint>
         _ => CheckpointStore::open_existing(location)?
             .load_newest()?
             .with_context(|| format!("no checkpoint that verifies under {location}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(rows: usize, sha256: &str) -> CorpusDigest {
+        CorpusDigest { rows, sha256: sha256.into() }
+    }
+
+    /// The corpora are compared before the model files, and the model files by every byte of
+    /// every part, where a part's bytes cannot pass for its name's.
+    #[test]
+    fn the_first_input_that_differs_is_named_with_both_digests() {
+        let parts = |tokenizer: &'static [u8]| {
+            BTreeMap::from([
+                (ENCODER_CONFIG.to_owned(), Bytes::from_static(b"{}")),
+                (format!("{TOKENIZER_PREFIX}tokenizer.json"), Bytes::from_static(tokenizer)),
+            ])
+        };
+        let run = |text: &str, tokenizer| InputDigests::new(digest(10, text), None, &parts(tokenizer));
+        let ours = run("aa", b"{\"v\":1}");
+        assert_eq!(ours.difference(&run("aa", b"{\"v\":1}")), None);
+        let (what, was, now) = ours.difference(&run("bb", b"{\"v\":2}")).unwrap();
+        assert_eq!(
+            (what, was.as_str(), now.as_str()),
+            ("the text corpus (data.text)", "10 sentences (sha256 aa)", "10 sentences (sha256 bb)")
+        );
+        let (what, ..) = ours.difference(&run("aa", b"{\"v\":2}")).unwrap();
+        assert!(what.contains("model.path"), "{what}");
+        let paired = InputDigests { paired: Some(digest(5, "cc")), ..ours.clone() };
+        let (what, was, now) = ours.difference(&paired).unwrap();
+        assert_eq!(
+            (what, was.as_str(), now.as_str()),
+            ("the paired corpus (data.paired)", "(none)", "5 captions (sha256 cc)")
+        );
+        // The same bytes split otherwise between a part's name and its contents.
+        let moved = BTreeMap::from([(format!("{ENCODER_CONFIG}{{"), Bytes::from_static(b"}"))]);
+        let whole = BTreeMap::from([(ENCODER_CONFIG.to_owned(), Bytes::from_static(b"{}"))]);
+        assert_ne!(
+            InputDigests::new(digest(1, "a"), None, &moved),
+            InputDigests::new(digest(1, "a"), None, &whole)
+        );
     }
 }

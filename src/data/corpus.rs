@@ -10,6 +10,32 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A corpus by its content, to tell whether two runs or two ranks read the same data: its rows
+/// and the SHA-256 of what the trainer reads from them (so blank lines it skips change nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorpusDigest {
+    pub rows: usize,
+    pub sha256: String,
+}
+
+impl CorpusDigest {
+    /// `N <rows> (sha256 <its first 16 digits>)`, rows named by `unit`.
+    pub fn describe(&self, unit: &str) -> String {
+        format!("{} {unit} (sha256 {})", self.rows, &self.sha256[..self.sha256.len().min(16)])
+    }
+}
+
+/// Feeds `texts` to `hash`, each with its length first, so that no two lists hash alike by
+/// where their items break.
+fn hash_texts<'a>(hash: &mut Sha256, texts: impl Iterator<Item = &'a str>) {
+    for text in texts {
+        hash.update((text.len() as u64).to_le_bytes());
+        hash.update(text.as_bytes());
+    }
+}
 
 /// Sentences from one or more files, in file order.
 pub struct TextCorpus {
@@ -41,6 +67,12 @@ impl TextCorpus {
 
     pub fn is_empty(&self) -> bool {
         self.sentences.is_empty()
+    }
+
+    pub fn digest(&self) -> CorpusDigest {
+        let mut hash = Sha256::new();
+        hash_texts(&mut hash, self.sentences.iter().map(String::as_str));
+        CorpusDigest { rows: self.len(), sha256: hex::encode(hash.finalize()) }
     }
 }
 
@@ -105,6 +137,13 @@ impl MappedMatrix {
         let values: Vec<f32> = rows.flat_map(|r| self.row(r)).collect();
         let n = values.len() / self.dim;
         Ok(Tensor::from_vec(values, (n, self.dim), &Device::Cpu)?.to_device(device)?)
+    }
+
+    /// Its layout and data, as the file holds them.
+    fn hash_into(&self, hash: &mut Sha256) {
+        hash.update(format!("{:?} {} {}", self.dtype, self.rows, self.dim));
+        let width = self.dtype.bitsize() / 8;
+        hash.update(&self.map[self.offset..self.offset + self.rows * self.dim * width]);
     }
 
     /// The first row holding a NaN or an infinity.
@@ -194,6 +233,18 @@ impl PairedCorpus {
 
     pub fn is_empty(&self) -> bool {
         self.captions.is_empty()
+    }
+
+    /// The captions, which image each shows, and both feature matrices.
+    pub fn digest(&self) -> CorpusDigest {
+        let mut hash = Sha256::new();
+        hash_texts(&mut hash, self.captions.iter().map(String::as_str));
+        for image in &self.caption_image {
+            hash.update(image.to_le_bytes());
+        }
+        self.caption_features.hash_into(&mut hash);
+        self.image_features.hash_into(&mut hash);
+        CorpusDigest { rows: self.len(), sha256: hex::encode(hash.finalize()) }
     }
 
     /// The dimension of the teacher features.

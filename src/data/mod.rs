@@ -8,7 +8,7 @@ pub mod sampler;
 pub mod text_file;
 pub mod tokenize;
 
-pub use corpus::{PairedBatch, PairedCorpus, TextCorpus};
+pub use corpus::{CorpusDigest, PairedBatch, PairedCorpus, TextCorpus};
 pub use sampler::{Cursor, DataPosition, Sampler};
 pub use tokenize::{Encoded, TokenBatch, Tokenizer};
 

@@ -7,7 +7,9 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::{StepsPerEpoch, TrainConfig};
-use crate::data::{sampler, DataPosition, Encoded, PairedCorpus, Sampler, TextCorpus, TokenBatch, Tokenizer};
+use crate::data::{
+    sampler, CorpusDigest, DataPosition, Encoded, PairedCorpus, Sampler, TextCorpus, TokenBatch, Tokenizer,
+};
 use crate::model::dropout::{example_key, Dropout};
 
 /// Paired examples take dropout keys from here on, apart from the text examples' (0..).
@@ -151,6 +153,11 @@ impl BatchPlan {
             seed,
             dropout,
         })
+    }
+
+    /// The corpora by content: the text corpus, and the paired one where the objective reads it.
+    pub fn corpus_digests(&self) -> (CorpusDigest, Option<CorpusDigest>) {
+        (self.text.digest(), self.paired.as_ref().map(PairedCorpus::digest))
     }
 
     /// The teacher features' dimension (768, CLIP ViT-L/14's, without a paired corpus: the heads

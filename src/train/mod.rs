@@ -22,10 +22,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use candle_core::{Device, Tensor, Var};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::checkpointer::{Checkpointer, ResumePoint, Snapshot, Start};
-use crate::checkpoint::layout::{self, TrainerState, MODEL, OPTIMIZER};
+use crate::checkpoint::layout::{self, InputDigests, TrainerState, INPUTS, MODEL, OPTIMIZER};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Precision, TrainConfig};
 use crate::data::Tokenizer;
@@ -93,6 +93,7 @@ struct Inputs {
     plan: BatchPlan,
     dev: DevSet,
     static_parts: BTreeMap<String, Bytes>,
+    digests: InputDigests,
 }
 
 impl Inputs {
@@ -120,9 +121,49 @@ impl Inputs {
         };
         let student =
             Student::load(model_dir, cfg.model.pooling, heads, t.precision.compute_dtype(), device)?;
-        let static_parts = layout::static_parts(model_dir, &encoder_config)?;
-        Ok(Self { student, plan, dev, static_parts })
+        let mut static_parts = layout::static_parts(model_dir, &encoder_config)?;
+        let (text, paired) = plan.corpus_digests();
+        let digests = InputDigests::new(text, paired, &static_parts);
+        static_parts.insert(INPUTS.to_owned(), Bytes::from(serde_json::to_vec(&digests)?));
+        Ok(Self { student, plan, dev, static_parts, digests })
     }
+}
+
+/// Refuses to train unless every rank was started with the same training (config keys but
+/// [`crate::config::RESULT_NEUTRAL_KEYS`]) on the same inputs (by content: their paths may
+/// differ): a node started with another config
+/// (a ConfigMap changed between pod starts) or another copy of the data would otherwise train a
+/// mixture of runs without any error.
+fn same_run_on_every_rank(comm: &dyn Communicator, cfg: &TrainConfig, inputs: InputDigests) -> Result<()> {
+    #[derive(Serialize, Deserialize)]
+    struct RankRun {
+        config: BTreeMap<String, String>,
+        inputs: InputDigests,
+    }
+    let mine = RankRun { config: crate::config::training_keys(cfg, true), inputs };
+    let runs = comm.all_gather_bytes(&serde_json::to_vec(&mine)?)?;
+    let first: RankRun = serde_json::from_slice(&runs[0]).context("rank 0's run is unreadable")?;
+    for (rank, bytes) in runs.iter().enumerate().skip(1) {
+        let theirs: RankRun =
+            serde_json::from_slice(bytes).with_context(|| format!("rank {rank}'s run is unreadable"))?;
+        let differs = if let Some((key, zero, other)) =
+            crate::config::first_difference(&first.config, &theirs.config)
+        {
+            format!(
+                "rank {rank} was started with {key} = {other}, rank 0 with {key} = {zero}: every node must \
+                 start its workers with the same config file, --set flags and KDMCSE_* variables"
+            )
+        } else if let Some((what, zero, other)) = first.inputs.difference(&theirs.inputs) {
+            format!(
+                "rank {rank} reads {what} as {other}, rank 0 as {zero}: every node must read the same \
+                 files (is one node's copy stale or incomplete?)"
+            )
+        } else {
+            continue;
+        };
+        return Err(InputError::wrap(anyhow::anyhow!("{differs}")));
+    }
+    Ok(())
 }
 
 pub struct Trainer<'c> {
@@ -144,8 +185,9 @@ impl<'c> Trainer<'c> {
     /// fault there an [`InputError`]; the collectives and the store are not: a lost peer or a
     /// store that is down fails as a runtime error, which a restart may cure.
     pub fn new(cfg: TrainConfig, comm: &'c dyn Communicator, device: Device) -> Result<Self> {
-        let Inputs { student, plan, dev, static_parts } =
+        let Inputs { student, plan, dev, static_parts, digests } =
             Inputs::load(&cfg, comm.world_size(), &device).map_err(InputError::wrap)?;
+        same_run_on_every_rank(comm, &cfg, digests)?;
         let t = &cfg.train;
         if device.is_cpu() && t.precision == Precision::Bf16 {
             // Without AMX the products widen bf16 operands to f32 (ops::matmul).
