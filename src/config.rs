@@ -521,8 +521,16 @@ pub const RESULT_NEUTRAL_KEYS: [&str; 12] = [
 
 /// Keys that name the training data. Where the data itself is compared (by the digests of
 /// [`crate::checkpoint::layout::InputDigests`]) they may differ: files may move between a run and
-/// its resume, and ranks may mount them at other paths.
+/// its resume.
 pub const DATA_PATH_KEYS: [&str; 2] = ["data.text", "data.paired"];
+
+/// Keys that say where files are, which may differ between nodes (their mounts): the ranks
+/// compare the files instead (the data and model folder by content, the output store by the
+/// checkpoints it lists; the dev set and the metrics file are rank 0's alone). Every other key
+/// must be the same on every rank, those deciding when ranks meet in collectives (evaluations,
+/// checkpoints) included.
+pub const NODE_PATH_KEYS: [&str; 6] =
+    ["data.eval", "data.paired", "data.text", "model.path", "output.dir", "output.metrics"];
 
 /// The first key (in sorted order, neutral keys left out, and with `data_by_content` the
 /// [`DATA_PATH_KEYS`]) whose value differs between a checkpoint's config and this run's, with
@@ -532,22 +540,22 @@ pub fn training_difference(
     run: &TrainConfig,
     data_by_content: bool,
 ) -> Option<(String, String, String)> {
-    first_difference(&training_keys(checkpoint, data_by_content), &training_keys(run, data_by_content))
+    let mut except = RESULT_NEUTRAL_KEYS.to_vec();
+    if data_by_content {
+        except.extend(DATA_PATH_KEYS);
+    }
+    first_difference(&keys_except(checkpoint, &except), &keys_except(run, &except))
 }
 
-/// `section.key` -> value (as TOML text) of every key that changes the training: all but
-/// [`RESULT_NEUTRAL_KEYS`], and with `data_by_content` (the data is compared instead) all but
-/// [`DATA_PATH_KEYS`].
-pub fn training_keys(cfg: &TrainConfig, data_by_content: bool) -> BTreeMap<String, String> {
+/// `section.key` -> value (as TOML text) of every key of `cfg` but those of `except`.
+pub fn keys_except(cfg: &TrainConfig, except: &[&str]) -> BTreeMap<String, String> {
     let table = toml::from_str::<toml::Table>(&cfg.to_toml()).expect("the config serialises to TOML");
     let mut keys = flatten(&table);
-    let compared_elsewhere =
-        |k: &str| RESULT_NEUTRAL_KEYS.contains(&k) || (data_by_content && DATA_PATH_KEYS.contains(&k));
-    keys.retain(|k, _| !compared_elsewhere(k));
+    keys.retain(|k, _| !except.contains(&k.as_str()));
     keys
 }
 
-/// The first key (in sorted order) whose value differs between `a` and `b` ([`training_keys`]),
+/// The first key (in sorted order) whose value differs between `a` and `b` ([`keys_except`]),
 /// with its value in each.
 pub fn first_difference(
     a: &BTreeMap<String, String>,

@@ -695,6 +695,11 @@ fn ranks_that_differ_in_config_data_or_checkpoints_are_refused_before_training()
         &launch("--set train.lr=1e-4"),
         &["rank 1 was started with train.lr = 0.0001, rank 0 with train.lr ="],
     );
+    // A key a resume may change, but which decides when the ranks meet in collectives.
+    refused(
+        &launch("--set output.checkpoint_steps=1"),
+        &["rank 1 was started with output.checkpoint_steps = 1, rank 0 with output.checkpoint_steps = 2"],
+    );
     let mut edited = sentences.clone();
     edited[50] = "a sentence only node 1 has";
     write_corpus(1, "corpus.txt", &edited, "\n");

@@ -129,18 +129,18 @@ impl Inputs {
     }
 }
 
-/// Refuses to train unless every rank was started with the same training (config keys but
-/// [`crate::config::RESULT_NEUTRAL_KEYS`]) on the same inputs (by content: their paths may
-/// differ): a node started with another config
-/// (a ConfigMap changed between pod starts) or another copy of the data would otherwise train a
-/// mixture of runs without any error.
+/// Refuses to train unless every rank was started with the same config (all keys but
+/// [`crate::config::NODE_PATH_KEYS`]) on the same inputs (by content): a node started with
+/// another config (a ConfigMap changed between pod starts) or another copy of the data would
+/// otherwise train a mixture of runs without any error, and one that evaluates or checkpoints at
+/// other steps would meet the others in the wrong collectives.
 fn same_run_on_every_rank(comm: &dyn Communicator, cfg: &TrainConfig, inputs: InputDigests) -> Result<()> {
     #[derive(Serialize, Deserialize)]
     struct RankRun {
         config: BTreeMap<String, String>,
         inputs: InputDigests,
     }
-    let mine = RankRun { config: crate::config::training_keys(cfg, true), inputs };
+    let mine = RankRun { config: crate::config::keys_except(cfg, &crate::config::NODE_PATH_KEYS), inputs };
     let runs = comm.all_gather_bytes(&serde_json::to_vec(&mine)?)?;
     let first: RankRun = serde_json::from_slice(&runs[0]).context("rank 0's run is unreadable")?;
     for (rank, bytes) in runs.iter().enumerate().skip(1) {
