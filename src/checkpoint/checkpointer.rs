@@ -2,7 +2,8 @@
 //! what a resume must refuse (a config that trains differently, other data, another pool,
 //! another architecture, ranks that found different checkpoints), when a step saves, what a
 //! checkpoint is made of, the `best` and `latest` pointers, retention, the background upload, the
-//! export of the best model at the end, and the flight records of a failed run. The trainer calls [`Checkpointer`] in a few lines.
+//! export of the best model at the end, and the flight records of a failed run. The trainer
+//! calls [`Checkpointer`] in a few lines.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -227,15 +228,15 @@ impl Checkpointer {
             return Ok(());
         }
         let theirs = layout::run_config(checkpoint)?;
-        let data_by_content = checkpoint.parts.contains_key(INPUTS);
-        if let Some((key, was, now)) = training_difference(&theirs, &self.config, data_by_content) {
+        let inputs = InputDigests::of(&checkpoint.parts, &format!("checkpoint {name}"))?;
+        if let Some((key, was, now)) = training_difference(&theirs, &self.config, inputs.is_some()) {
             bail!(
                 "checkpoint {name} was trained with {key} = {was}, this run has {key} = {now}: resuming would \
                  continue another training; pass --allow-config-change to resume anyway, or start a new \
                  run elsewhere"
             );
         }
-        self.check_same_inputs(checkpoint)?;
+        self.check_same_inputs(name, inputs)?;
         // The same config gives another pool on another number of ranks with `batch_size`.
         let saved_world = TrainerState::of(checkpoint)?.world_size;
         let was = theirs.train.rank_batch(saved_world)? * saved_world;
@@ -251,11 +252,10 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Refuses a checkpoint trained on other data than this run reads; one written before
-    /// checkpoints held [`INPUTS`] is not compared.
-    fn check_same_inputs(&self, checkpoint: &Checkpoint) -> Result<()> {
-        let name = &checkpoint.name;
-        let Some(was) = InputDigests::of(&checkpoint.parts, &format!("checkpoint {name}"))? else {
+    /// Refuses checkpoint `name`, trained on the inputs `was`, where this run reads other data;
+    /// one written before checkpoints held [`INPUTS`] (`was` is `None`) is not compared.
+    fn check_same_inputs(&self, name: &str, was: Option<InputDigests>) -> Result<()> {
+        let Some(was) = was else {
             tracing::info!(checkpoint = %name, "the checkpoint predates {INPUTS}: its data is not compared");
             return Ok(());
         };
